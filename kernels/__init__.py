@@ -1,0 +1,5 @@
+"""Fused multi-head reward kernels (Triton on CUDA, a torch reference everywhere else)."""
+
+from kernels.multihead_reward import HeadOutputs, multihead_reward, multihead_reward_reference
+
+__all__ = ["HeadOutputs", "multihead_reward", "multihead_reward_reference"]

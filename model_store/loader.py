@@ -1,0 +1,129 @@
+"""Load a reward model from a store name, a local path, a hub id, or the embedded default."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_store.errors import ModelNotFound, ModelStoreError, UnsafeModel
+from model_store.manifest import RewardManifest
+from model_store.store import ModelStore, check_weights_safe, verify_checksums
+
+log = logging.getLogger(__name__)
+
+_HUB_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "merges.txt"]
+
+
+@dataclass
+class RewardModel:
+    """A loaded checkpoint: HF model + tokenizer + manifest, and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    manifest: RewardManifest
+    name: str
+    version: str
+    path: Path
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "/", "~"))
+
+
+def resolve_source(
+    spec: str | None, store: ModelStore, *, allow_pickle: bool = False
+) -> tuple[Path, str, str]:
+    """Map a model spec to (directory, name, version). Order: default, local path, store, hub."""
+    if spec is None or spec in {"", "default"}:
+        from model_store.default_model import ensure_default_model
+
+        ref = ensure_default_model(store)
+        return ref.path, ref.name, ref.version
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve(), path.name, "local"
+    name_part = spec.split(":", 1)[0]
+    if "/" not in name_part and store.contains(spec):
+        ref = store.resolve(spec)
+        return ref.path, ref.name, ref.version
+    if _looks_like_hub_id(spec):
+        return _download_from_hub(spec, allow_pickle=allow_pickle), spec, "hub"
+    raise ModelNotFound(
+        f"model {spec!r} is neither a directory, nor in the store at {store.root}, nor a hub id (org/name)"
+    )
+
+
+def _download_from_hub(repo_id: str, *, allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
+        raise ModelNotFound(f"cannot fetch {repo_id!r}: huggingface_hub is not installed") from e
+    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # network errors, 404s, gated repos: all mean "cannot load this"
+        raise ModelNotFound(f"could not fetch {repo_id!r} from the hub: {type(e).__name__}: {e}") from e
+
+
+def load_reward_model(
+    spec: str | None,
+    store: ModelStore,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> RewardModel:
+    """Load and verify; raises a ModelStoreError subclass with a message meant for an operator."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path, name, version = resolve_source(spec, store, allow_pickle=allow_pickle)
+    check_weights_safe(path, allow_pickle=allow_pickle)
+    manifest = RewardManifest.read(path)
+    if manifest is not None and verify and manifest.files:
+        verify_checksums(path, manifest)
+    cfg_json = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+    if cfg_json.get("auto_map") and not trust_remote_code:
+        raise UnsafeModel(
+            f"{path} needs custom code (config auto_map); set HYDRA_RM_TRUST_REMOTE_CODE=true if you trust it"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            config=config,
+            dtype=dtype,
+            use_safetensors=not allow_pickle or any(path.glob("*.safetensors")),
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ModelStoreError:
+        raise
+    except Exception as e:
+        raise ModelStoreError(f"failed to load {path}: {type(e).__name__}: {e}") from e
+    k = int(model.config.num_labels)
+    if manifest is None:
+        manifest = RewardManifest.default_for(k)
+    elif manifest.num_heads != k:
+        raise ModelStoreError(
+            f"manifest says {manifest.num_heads} heads but the checkpoint has num_labels={k}"
+        )
+    model.to(device)
+    model.eval()
+    return RewardModel(
+        model=model,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        name=name,
+        version=version,
+        path=path,
+        info={"model_type": model.config.model_type, "architecture": type(model).__name__},
+    )

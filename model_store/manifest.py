@@ -1,0 +1,120 @@
+"""The `reward_heads.json` manifest: what turns a sequence-classification checkpoint into K heads.
+
+The checkpoint itself stays a plain Hugging Face `AutoModelForSequenceClassification` directory
+(its classification layer IS the K heads), so any public reward model loads as K=1 without a
+manifest, and any hydra-rm model loads in plain transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MANIFEST_NAME = "reward_heads.json"
+FORMAT_VERSION = 1
+AGGREGATIONS = ("min", "mean", "max", "uwo")
+
+Pooling = Literal["auto", "last_token", "first_token", "pooler"]
+TruncationSide = Literal["left", "right", "reject"]
+
+
+class HeadNormalization(BaseModel):
+    """Per-head affine normalisation fitted at training time: r' = (r - mean) / std."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> HeadNormalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError("normalization.mean and normalization.std must have the same length")
+        if any(not (s > 0) for s in self.std):
+            raise ValueError("normalization.std must be strictly positive")
+        return self
+
+
+class RewardManifest(BaseModel):
+    """Versioned description of the K heads; unknown keys are refused so typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    num_heads: int = Field(ge=1)
+    head_names: list[str]
+    pooling: Pooling = "auto"
+    normalization: HeadNormalization | None = None
+    default_aggregation: str = "min"
+    uwo_lambda: float = Field(default=1.0, ge=0.0)
+    max_length: int = Field(default=512, ge=8)
+    truncation_side: TruncationSide = "left"
+    files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256 hex")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardManifest:
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"manifest format_version {self.format_version} is newer than this hydra-rm "
+                f"understands ({FORMAT_VERSION}); upgrade hydra-rm"
+            )
+        if len(self.head_names) != self.num_heads:
+            raise ValueError(f"head_names has {len(self.head_names)} names for num_heads={self.num_heads}")
+        if len(set(self.head_names)) != len(self.head_names):
+            raise ValueError("head_names must be unique")
+        if self.normalization is not None and len(self.normalization.mean) != self.num_heads:
+            raise ValueError("normalization must have one mean/std per head")
+        validate_aggregation(self.default_aggregation, self.num_heads)
+        return self
+
+    @classmethod
+    def default_for(cls, num_heads: int, **overrides: object) -> RewardManifest:
+        names = [f"head_{i}" for i in range(num_heads)]
+        return cls(num_heads=num_heads, head_names=names, **overrides)  # type: ignore[arg-type]
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> RewardManifest | None:
+        path = Path(directory) / MANIFEST_NAME
+        if not path.exists():
+            return None
+        return cls.model_validate(json.loads(path.read_text()))
+
+
+def validate_aggregation(aggregation: str, num_heads: int) -> str:
+    """Return the aggregation if valid for K heads (`min|mean|max|uwo|head:i`), else raise ValueError."""
+    if aggregation in AGGREGATIONS:
+        return aggregation
+    if aggregation.startswith("head:"):
+        idx = aggregation[5:]
+        if idx.isdigit() and int(idx) < num_heads:
+            return aggregation
+        raise ValueError(f"head index in {aggregation!r} must be an integer in [0, {num_heads - 1}]")
+    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of min, mean, max, uwo, head:<i>")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_tree(directory: Path) -> dict[str, str]:
+    """sha256 of every file but the manifest: weights, config and tokenizer all change the rewards."""
+    directory = Path(directory)
+    out: dict[str, str] = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            out[p.relative_to(directory).as_posix()] = sha256_file(p)
+    return out

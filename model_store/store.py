@@ -1,0 +1,215 @@
+"""A directory of reward models: `<root>/<name>/<version>/`, published atomically, verified on load.
+
+Atomicity: a version is copied into a hidden `.tmp-*` sibling, its manifest (with checksums) is
+written and fsynced, and only then is the directory renamed into place. `rename(2)` of a directory
+onto a missing path is atomic on POSIX, so a reader sees either no version or a whole one; a crash
+leaves only a `.tmp-*` directory, which listing ignores and the next publish sweeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_store.errors import ChecksumMismatch, InvalidModelName, ModelNotFound, UnsafeModel
+from model_store.manifest import MANIFEST_NAME, RewardManifest, checksum_tree, sha256_file
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_STALE_TMP_SECONDS = 3600.0
+
+
+def check_name(kind: str, value: str) -> str:
+    """Names become path components: only a conservative charset, never `.`/`..` or separators."""
+    if not _NAME_RE.fullmatch(value) or value in {".", ".."} or ".." in value:
+        raise InvalidModelName(
+            f"invalid model {kind} {value!r}: use letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (at most 128 characters)"
+        )
+    return value
+
+
+def _version_key(v: str) -> tuple:
+    """Natural order so that v10 sorts after v9 and 1.10 after 1.9."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", v) if p)
+
+
+def find_pickled_weights(directory: Path) -> list[Path]:
+    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def check_weights_safe(directory: Path, allow_pickle: bool = False) -> None:
+    """Refuse a checkpoint whose weights would be unpickled (arbitrary code) unless the operator allows it."""
+    directory = Path(directory)
+    has_safetensors = any(directory.glob("*.safetensors"))
+    pickled = find_pickled_weights(directory)
+    if pickled and not allow_pickle:
+        names = ", ".join(p.name for p in pickled[:5])
+        raise UnsafeModel(
+            f"{directory} contains pickled weights ({names}); only safetensors are loaded. "
+            "Convert the checkpoint to safetensors, or set HYDRA_RM_ALLOW_PICKLE=true if you trust it."
+        )
+    if not has_safetensors and not pickled:
+        raise ModelNotFound(f"{directory} has no *.safetensors weights")
+
+
+def verify_checksums(directory: Path, manifest: RewardManifest) -> None:
+    """Every file listed in the manifest must exist with the recorded sha256; otherwise nothing loads."""
+    directory = Path(directory)
+    problems = []
+    for rel, expected in manifest.files.items():
+        p = directory / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(p) != expected:
+            problems.append(f"{rel}: sha256 mismatch")
+    for p in directory.glob("*.safetensors"):
+        if manifest.files and p.name not in manifest.files:
+            problems.append(f"{p.name}: weight file not listed in the manifest")
+    if problems:
+        raise ChecksumMismatch(f"{directory} failed verification: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    path: Path
+
+    def __str__(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+class ModelStore:
+    """Versioned reward models under one root directory."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser()
+
+    def _model_dir(self, name: str) -> Path:
+        return self.root / check_name("name", name)
+
+    def versions(self, name: str) -> list[str]:
+        d = self._model_dir(name)
+        if not d.is_dir():
+            return []
+        found = [p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return sorted(found, key=_version_key)
+
+    def list(self) -> list[ModelRef]:
+        if not self.root.is_dir():
+            return []
+        refs = []
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and _NAME_RE.fullmatch(d.name):
+                refs.extend(ModelRef(d.name, v, d / v) for v in self.versions(d.name))
+        return refs
+
+    def resolve(self, spec: str) -> ModelRef:
+        """`name` (latest version) or `name:version`."""
+        name, _, version = spec.partition(":")
+        versions = self.versions(name)
+        if not versions:
+            raise ModelNotFound(f"no model named {name!r} in store {self.root}")
+        if version:
+            check_name("version", version)
+            if version not in versions:
+                raise ModelNotFound(f"model {name!r} has no version {version!r} (has: {', '.join(versions)})")
+        else:
+            version = versions[-1]
+        return ModelRef(name, version, self._model_dir(name) / version)
+
+    def contains(self, spec: str) -> bool:
+        try:
+            self.resolve(spec)
+        except (ModelNotFound, InvalidModelName):
+            return False
+        return True
+
+    def _next_version(self, name: str) -> str:
+        numeric = [int(v[1:]) for v in self.versions(name) if re.fullmatch(r"v\d+", v)]
+        return f"v{max(numeric, default=0) + 1}"
+
+    def _sweep_stale(self, model_dir: Path) -> None:
+        now = time.time()
+        for p in model_dir.glob(".tmp-*"):
+            try:
+                if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+    def publish(
+        self,
+        source: Path | str,
+        name: str,
+        version: str | None = None,
+        manifest: RewardManifest | None = None,
+        *,
+        allow_pickle: bool = False,
+    ) -> ModelRef:
+        """Copy a checkpoint directory in as a new version; the version appears whole or not at all."""
+        source = Path(source)
+        if not source.is_dir():
+            raise ModelNotFound(f"{source} is not a directory")
+        check_weights_safe(source, allow_pickle=allow_pickle)
+        model_dir = self._model_dir(name)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale(model_dir)
+        version = check_name("version", version) if version else self._next_version(name)
+        final = model_dir / version
+        if final.exists():
+            raise FileExistsError(f"{name}:{version} already exists in {self.root}; versions are immutable")
+        if manifest is None:
+            manifest = RewardManifest.read(source) or _manifest_from_config(source)
+        tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(MANIFEST_NAME, ".*"))
+            manifest = manifest.model_copy(update={"files": checksum_tree(tmp)})
+            manifest.write(tmp)
+            _fsync_tree(tmp)
+            os.rename(tmp, final)  # atomic: the version becomes visible whole
+            _fsync_dir(model_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return ModelRef(name, version, final)
+
+    def remove(self, spec: str) -> ModelRef:
+        ref = self.resolve(spec)
+        trash = ref.path.with_name(f".tmp-rm-{ref.version}-{uuid.uuid4().hex[:8]}")
+        os.rename(ref.path, trash)  # disappears atomically, then is deleted
+        shutil.rmtree(trash, ignore_errors=True)
+        return ref
+
+
+def _manifest_from_config(directory: Path) -> RewardManifest:
+    import json
+
+    cfg_path = Path(directory) / "config.json"
+    k = 1
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        k = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 1)
+    return RewardManifest.default_for(k)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,351 @@
+"""Scoring engine: tokenize -> one encoder pass per batch -> all K heads via the fused kernel.
+
+Invariants the tests hold us to:
+- a reward equals the Hugging Face model's own logits for that head (1e-5, fp32);
+- a reward does not depend on its batch: padding, batch size and neighbours change nothing beyond
+  float rounding. So the pooled position comes from the attention mask (never from pad ids), and
+  decoders get explicit position ids so left padding does not shift RoPE positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kernels import multihead_reward
+from model_store.errors import ModelStoreError
+from model_store.loader import RewardModel
+from service.batching import plan_batches
+
+PoolKind = Literal["last_token", "first_token", "pooler", "cls_head"]
+
+
+class ItemError(ValueError):
+    """An item the engine cannot score as given; `field` names the offending field for a 4xx."""
+
+    def __init__(self, message: str, field: str = "item") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to score: prompt+response, a chat `messages` list, or raw `text` (exactly one form)."""
+
+    prompt: str | None = None
+    response: str | None = None
+    messages: Sequence[dict[str, Any]] | None = None
+    text: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Item:
+        return cls(
+            prompt=d.get("prompt"), response=d.get("response"), messages=d.get("messages"), text=d.get("text")
+        )
+
+
+@dataclass
+class EncodedItem:
+    """Token ids ready for the encoder; `original_tokens` is the length before truncation."""
+
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    truncated: bool
+    original_tokens: int
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class ItemScore:
+    rewards: list[float]
+    min: float
+    max: float
+    mean: float
+    std: float
+    tokens: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class _Head:
+    kind: PoolKind
+    linear: nn.Linear
+    pre: nn.Module | None = None  # RoBERTa-style dense+tanh before the final projection
+
+
+def _resolve_head(model: nn.Module, pooling: str) -> _Head:
+    """Find the K-way linear layer and how its input is pooled, for the architectures we verify."""
+    score = getattr(model, "score", None)
+    classifier = getattr(model, "classifier", None)
+    if isinstance(score, nn.Linear):  # Llama/Qwen/Mistral/Gemma/GPT-2 style: last real token
+        kind: PoolKind = "last_token" if pooling in {"auto", "last_token"} else pooling  # type: ignore[assignment]
+        return _Head(kind, score)
+    if isinstance(classifier, nn.Linear):
+        base = model.base_model
+        has_pooler = getattr(base, "pooler", None) is not None or getattr(model, "pooler", None) is not None
+        if pooling in {"auto", "pooler"} and has_pooler:
+            return _Head("pooler", classifier)
+        if pooling == "pooler":
+            raise ModelStoreError("manifest asks for pooling=pooler but the model has no pooler")
+        return _Head("last_token" if pooling == "last_token" else "first_token", classifier)
+    if classifier is not None and isinstance(getattr(classifier, "out_proj", None), nn.Linear):
+        return _Head("cls_head", classifier.out_proj, pre=classifier.dense)  # RoBERTa family
+    raise ModelStoreError(
+        f"unsupported architecture {type(model).__name__}: hydra-rm needs a sequence-classification model "
+        "whose head is `score` (decoders), `classifier` (BERT/DeBERTa) or `classifier.out_proj` (RoBERTa)"
+    )
+
+
+class ScoringEngine:
+    """Scores items with one shared encoder and K heads; thread-compatible (one forward at a time)."""
+
+    def __init__(
+        self,
+        rm: RewardModel,
+        *,
+        token_budget: int = 4096,
+        max_batch_size: int = 64,
+        padding_side: Literal["right", "left"] = "right",
+        max_length: int | None = None,
+        truncation_side: str | None = None,
+    ) -> None:
+        self.rm = rm
+        self.model = rm.model
+        self.tokenizer = rm.tokenizer
+        self.manifest = rm.manifest
+        self.token_budget = token_budget
+        self.max_batch_size = max_batch_size
+        model_max = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        self.max_length = min(max_length or self.manifest.max_length, model_max)
+        self.truncation_side = truncation_side or self.manifest.truncation_side
+        self.head = _resolve_head(self.model, self.manifest.pooling)
+        self.is_decoder = self.head.kind == "last_token"
+        # Encoders pool at position 0 (CLS) and use absolute positions: they must be right-padded.
+        self.padding_side = padding_side if self.is_decoder else "right"
+        self.device = next(self.model.parameters()).device
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._special_ids = set(self.tokenizer.all_special_ids)
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.weight, self.bias = self._fold_heads()
+
+    # -- model facts -----------------------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return self.manifest.num_heads
+
+    @property
+    def head_names(self) -> list[str]:
+        return list(self.manifest.head_names)
+
+    def _fold_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold per-head normalisation into the head weights once: (Wx + b - mu) / sigma."""
+        w = self.head.linear.weight.detach().to(torch.float32)
+        b = self.head.linear.bias
+        b = b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0], device=w.device)
+        norm = self.manifest.normalization
+        if norm is not None:
+            mean = torch.tensor(norm.mean, dtype=torch.float32, device=w.device)
+            std = torch.tensor(norm.std, dtype=torch.float32, device=w.device)
+            w = w / std[:, None]
+            b = (b - mean) / std
+        return w.contiguous(), b.contiguous()
+
+    # -- tokenization ----------------------------------------------------------------------------
+    def encode(self, item: Item | dict[str, Any]) -> EncodedItem:
+        """Tokenize with the chat template where there is one, then apply the truncation policy."""
+        if isinstance(item, dict):
+            item = Item.from_dict(item)
+        ids, types = self._tokenize(item)
+        n = len(ids)
+        if n <= self.max_length:
+            return EncodedItem(ids, types, False, n)
+        if self.truncation_side == "reject":
+            raise ItemError(
+                f"item has {n} tokens, over max_length={self.max_length} (truncation is set to reject)",
+                field=_main_field(item),
+            )
+        keep = self._truncate_slices(ids, n)
+        ids = [t for s in keep for t in ids[s]]
+        types = [t for s in keep for t in types[s]] if types is not None else None
+        return EncodedItem(ids, types, True, n)
+
+    def _truncate_slices(self, ids: list[int], n: int) -> list[slice]:
+        """Left (default): keep leading special tokens (BOS/CLS) and the end, so the response end survives.
+
+        Right: keep the start and the trailing special tokens (EOS/SEP), for models trained that way.
+        """
+        limit = self.max_length
+        if self.truncation_side == "left":
+            lead = 0
+            while lead < n and ids[lead] in self._special_ids and lead < limit // 2:
+                lead += 1
+            return [slice(0, lead), slice(n - (limit - lead), n)]
+        trail = 0
+        while trail < n and ids[n - 1 - trail] in self._special_ids and trail < limit // 2:
+            trail += 1
+        return [slice(0, limit - trail), slice(n - trail, n)]
+
+    def _tokenize(self, item: Item) -> tuple[list[int], list[int] | None]:
+        tok = self.tokenizer
+        forms = [
+            item.text is not None,
+            item.messages is not None,
+            item.prompt is not None or item.response is not None,
+        ]
+        if sum(forms) != 1:
+            raise ItemError("give exactly one of: prompt+response, messages, or text", field="item")
+        if item.text is not None:
+            if not isinstance(item.text, str):
+                raise ItemError("text must be a string", field="text")
+            enc = tok(item.text, add_special_tokens=True)
+        elif item.messages is not None:
+            messages = _check_messages(item.messages)
+            if self.has_chat_template:
+                enc = tok(self._render(messages, "messages"), add_special_tokens=False)
+            else:  # documented fallback: "role: content" lines as plain text
+                enc = tok(
+                    "\n".join(f"{m['role']}: {m['content']}" for m in messages), add_special_tokens=True
+                )
+        else:
+            if not isinstance(item.prompt, str):
+                raise ItemError("prompt must be a string when response is given", field="prompt")
+            if not isinstance(item.response, str):
+                raise ItemError("response must be a string when prompt is given", field="response")
+            if self.has_chat_template:
+                chat = [
+                    {"role": "user", "content": item.prompt},
+                    {"role": "assistant", "content": item.response},
+                ]
+                enc = tok(self._render(chat, "prompt"), add_special_tokens=False)
+            else:  # the tokenizer's own pair template (e.g. [CLS] p [SEP] r [SEP] for BERT-likes)
+                enc = tok(item.prompt, item.response, add_special_tokens=True)
+        ids = list(enc["input_ids"])
+        types = list(enc["token_type_ids"]) if "token_type_ids" in enc else None
+        if not ids:
+            raise ItemError("item tokenizes to zero tokens", field=_main_field(item))
+        return ids, types
+
+    def _render(self, messages: list[dict[str, str]], field: str) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as e:  # template-level constraints (role order, unknown roles)
+            raise ItemError(f"chat template rejected the conversation: {e}", field=field) from e
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def forward(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+        """One encoder pass over `batch` (padded to its longest row); results in batch order."""
+        if not batch:
+            return []
+        n, t = len(batch), max(e.n_tokens for e in batch)
+        ids = torch.full((n, t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, t), dtype=torch.long)
+        types = torch.zeros((n, t), dtype=torch.long) if batch[0].token_type_ids is not None else None
+        for r, e in enumerate(batch):
+            sl = slice(t - e.n_tokens, t) if self.padding_side == "left" else slice(0, e.n_tokens)
+            ids[r, sl] = torch.tensor(e.input_ids)
+            mask[r, sl] = 1
+            if types is not None and e.token_type_ids is not None:
+                types[r, sl] = torch.tensor(e.token_type_ids)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            kwargs["token_type_ids"] = types.to(self.device)
+        if self.is_decoder:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs["use_cache"] = False
+        with torch.inference_mode():
+            out = self.model.base_model(**kwargs)
+            hidden, index = self._pool(out, mask)
+            res = multihead_reward(hidden, index, self.weight, self.bias)
+        rewards = res.rewards.cpu().tolist()
+        mins, maxs = res.min.cpu().tolist(), res.max.cpu().tolist()
+        means, stds = res.mean.cpu().tolist(), res.std.cpu().tolist()
+        return [
+            ItemScore(rewards[i], mins[i], maxs[i], means[i], stds[i], batch[i].n_tokens, batch[i].truncated)
+            for i in range(n)
+        ]
+
+    def _pool(self, out: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        kind = self.head.kind
+        if kind == "pooler":
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:  # DeBERTa keeps its pooler on the task model, not the base model
+                pooled = self.model.pooler(out.last_hidden_state)
+            return pooled, None
+        hidden = out.last_hidden_state
+        t = mask.shape[1]
+        if kind == "last_token":
+            index = (t - 1) - mask.flip(-1).argmax(-1)
+        else:
+            index = mask.argmax(-1)
+        if kind == "cls_head":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return torch.tanh(self.head.pre(hidden[rows, index])), None
+        return hidden, index
+
+    def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
+        """Length-sorted batches under the token budget; results in input order."""
+        results: list[ItemScore | None] = [None] * len(encoded)
+        for idxs in plan_batches([e.n_tokens for e in encoded], self.token_budget, self.max_batch_size):
+            for i, s in zip(idxs, self.forward([encoded[i] for i in idxs]), strict=True):
+                results[i] = s
+        return results  # type: ignore[return-value]
+
+    def score(self, items: Iterable[Item | dict[str, Any]]) -> list[ItemScore]:
+        return self.score_encoded([self.encode(it) for it in items])
+
+    def warmup(self) -> None:
+        """One real forward so the first request does not pay for lazy initialisation."""
+        self.score([Item(text="warm up the reward model")])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.rm.name,
+            "version": self.rm.version,
+            "num_heads": self.num_heads,
+            "head_names": self.head_names,
+            "encoder": self.rm.info.get("model_type"),
+            "architecture": self.rm.info.get("architecture"),
+            "pooling": self.head.kind,
+            "max_length": self.max_length,
+            "truncation_side": self.truncation_side,
+            "default_aggregation": self.manifest.default_aggregation,
+            "uwo_lambda": self.manifest.uwo_lambda,
+            "chat_template": self.has_chat_template,
+            "device": str(self.device),
+        }
+
+
+def _main_field(item: Item) -> str:
+    if item.text is not None:
+        return "text"
+    if item.messages is not None:
+        return "messages"
+    return "response"
+
+
+def _check_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ItemError("messages must be a non-empty list of {role, content} objects", field="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise ItemError(f"messages[{i}] must be an object with string role and content", field="messages")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def is_finite(score: ItemScore) -> bool:
+    return all(math.isfinite(v) for v in score.rewards)

@@ -1,0 +1,48 @@
+"""Shared fixtures. The environment is fixed before anything imports triton or transformers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run in the interpreter on CPU
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.builders import build_tiny_bert, build_tiny_llama  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    from model_store import ModelStore
+
+    return ModelStore(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A ScoringEngine over the tiny Llama; session-scoped because loading is the slow part."""
+    from model_store import ModelStore
+    from model_store.loader import load_reward_model
+    from service.engine import ScoringEngine
+
+    rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path_factory.mktemp("store")))
+    return ScoringEngine(rm, token_budget=2048, max_batch_size=32)
