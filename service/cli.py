@@ -120,6 +120,59 @@ def demo(
         )
 
 
+@app.command()
+def score(
+    input: Annotated[
+        Path,
+        typer.Option("--input", "-i", help="JSONL: {prompt, response} | {messages} | {text}, optional id."),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL of rewards, in input order.")],
+    model: Annotated[str | None, typer.Option(help="Model spec (default: the embedded default).")] = None,
+    errors: Annotated[
+        Path | None, typer.Option(help="Bad lines go here (default: <output stem>.errors.jsonl).")
+    ] = None,
+    aggregation: Annotated[
+        str | None, typer.Option(help="min, mean, max, uwo or head:<i> (default: the model's).")
+    ] = None,
+    uwo_lambda: Annotated[
+        float | None, typer.Option(help="lambda for uwo = mean - lambda * variance.")
+    ] = None,
+    chunk_size: Annotated[
+        int, typer.Option(min=1, help="Lines per checkpoint (memory is bounded by this).")
+    ] = 512,
+    restart: Annotated[bool, typer.Option(help="Ignore earlier progress and overwrite the output.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with items/s.")] = True,
+    store: StoreOpt = None,
+) -> None:
+    """Score a JSONL file; interrupted runs resume where they stopped, without duplicates."""
+    _quiet_hf()
+    from model_store import ModelStoreError
+    from service.jobs import JobError, ScoreJob
+    from service.settings import build_engine
+
+    try:
+        engine = build_engine(_settings(model=model, store_root=store))
+        job = ScoreJob(
+            engine,
+            input,
+            output,
+            errors,
+            aggregation=aggregation,
+            uwo_lambda=uwo_lambda,
+            chunk_size=chunk_size,
+        )
+        result = job.run(restart=restart, progress_bar=progress)
+    except (JobError, ModelStoreError, ValueError) as e:
+        raise _fail(str(e)) from e
+    if result.skipped == result.lines and result.scored == 0 and result.errors == 0:
+        typer.echo(f"{output} is already complete ({result.lines} lines); use --restart to score again")
+        return
+    typer.echo(
+        f"scored {result.scored} items, {result.errors} errors (-> {job.errors}), "
+        f"{result.skipped} lines resumed from an earlier run; output: {output}"
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -55,6 +55,7 @@ def build_tiny_bert(dest: Path, *, k: int = 3, hidden: int = 32, layers: int = 2
         cls_token="[CLS]",
         sep_token="[SEP]",
         mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
     )
     config = BertConfig(
         vocab_size=len(fast),

@@ -1,0 +1,277 @@
+"""Batch scoring of JSONL files: streaming, ordered, resumable, and nothing dropped silently.
+
+Resume protocol: after each chunk is written and fsynced, a small sidecar `<output>.progress.json`
+records how many input lines are done and the byte lengths of the output and errors files. On
+restart both files are truncated back to those lengths (discarding a half-written chunk) and the
+input is skipped to that line, so an interrupted run + resume gives exactly the lines of an
+uninterrupted one, with no duplicates and no re-scoring of finished chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from service.aggregation import aggregate
+from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
+
+PROGRESS_VERSION = 1
+
+
+class JobError(Exception):
+    """The job cannot start or continue as asked (e.g. an unrelated output file is in the way)."""
+
+
+@dataclass
+class JobResult:
+    lines: int
+    scored: int
+    errors: int
+    skipped: int  # lines already done by an earlier run (resume)
+
+
+def _progress_path(output: Path) -> Path:
+    return output.with_name(output.name + ".progress.json")
+
+
+def default_errors_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".errors.jsonl")
+
+
+def _fingerprint(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _count_lines(path: Path) -> int:
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (last != b"\n")
+
+
+def _read_chunks(f: IO[str], start_line: int, chunk_size: int) -> Iterator[list[tuple[int, str]]]:
+    chunk: list[tuple[int, str]] = []
+    for lineno, line in enumerate(f, start=1):
+        if lineno <= start_line:
+            continue
+        chunk.append((lineno, line))
+        if len(chunk) >= chunk_size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _parse(line: str) -> tuple[Item, Any]:
+    if not line.strip():
+        raise ItemError("empty line", field="line")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ItemError(f"invalid JSON: {e.msg} at column {e.colno}", field="line") from e
+    if not isinstance(obj, dict):
+        raise ItemError("each line must be a JSON object", field="line")
+    return Item.from_dict(obj), obj.get("id")
+
+
+class ScoreJob:
+    """Scores `input` into `output` (JSONL); bad lines go to `errors` with their line number and reason."""
+
+    def __init__(
+        self,
+        engine: ScoringEngine,
+        input_path: Path,
+        output_path: Path,
+        errors_path: Path | None = None,
+        *,
+        aggregation: str | None = None,
+        uwo_lambda: float | None = None,
+        chunk_size: int = 512,
+        model_spec: str = "",
+    ) -> None:
+        self.engine = engine
+        self.input = Path(input_path)
+        self.output = Path(output_path)
+        self.errors = Path(errors_path) if errors_path else default_errors_path(self.output)
+        self.aggregation = aggregation or engine.manifest.default_aggregation
+        from model_store.manifest import validate_aggregation
+
+        validate_aggregation(self.aggregation, engine.num_heads)
+        self.uwo_lambda = engine.manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
+        self.chunk_size = chunk_size
+        self.model_spec = model_spec
+        self.progress = _progress_path(self.output)
+
+    def _job_identity(self) -> dict[str, Any]:
+        return {
+            "input": _fingerprint(self.input),
+            "model": f"{self.engine.rm.name}:{self.engine.rm.version}",
+            "aggregation": self.aggregation,
+            "uwo_lambda": self.uwo_lambda,
+            "errors": str(self.errors.resolve()),
+        }
+
+    def _load_state(self, restart: bool) -> dict[str, Any]:
+        fresh = {
+            "version": PROGRESS_VERSION,
+            "job": self._job_identity(),
+            "lines_done": 0,
+            "output_bytes": 0,
+            "errors_bytes": 0,
+            "complete": False,
+        }
+        if restart:
+            return fresh
+        if self.progress.exists():
+            state = json.loads(self.progress.read_text())
+            if state.get("job") != fresh["job"]:
+                raise JobError(
+                    f"{self.output} belongs to a different job (input, model or aggregation changed); "
+                    "pass --restart to score from scratch"
+                )
+            return state
+        if self.output.exists() and self.output.stat().st_size > 0:
+            raise JobError(f"{self.output} exists and has no progress file; pass --restart to overwrite it")
+        return fresh
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        tmp = self.progress.with_name(self.progress.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.progress)
+
+    def run(self, *, restart: bool = False, progress_bar: bool = True) -> JobResult:
+        if not self.input.is_file():
+            raise JobError(f"input file {self.input} does not exist")
+        state = self._load_state(restart)
+        total = _count_lines(self.input)
+        if state["complete"]:
+            return JobResult(total, 0, 0, state["lines_done"])
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.output, "r+b" if self.output.exists() and not restart else "w+b")  # noqa: SIM115
+        err = open(self.errors, "r+b" if self.errors.exists() and not restart else "w+b")  # noqa: SIM115
+        # Drop anything written after the last checkpoint (a chunk cut short by a crash).
+        out.truncate(state["output_bytes"])
+        err.truncate(state["errors_bytes"])
+        out.seek(state["output_bytes"])
+        err.seek(state["errors_bytes"])
+        skipped = state["lines_done"]
+        scored = errors = 0
+        bar = _progress(total, skipped, progress_bar)
+        try:
+            with open(self.input, encoding="utf-8", errors="replace") as f:
+                for chunk in _read_chunks(f, skipped, self.chunk_size):
+                    n_ok, n_err = self._score_chunk(chunk, out, err)
+                    scored, errors = scored + n_ok, errors + n_err
+                    out.flush()
+                    err.flush()
+                    os.fsync(out.fileno())
+                    os.fsync(err.fileno())
+                    state.update(lines_done=chunk[-1][0], output_bytes=out.tell(), errors_bytes=err.tell())
+                    self._save_state(state)
+                    if bar is not None:
+                        bar.update(len(chunk))
+                        bar.set_postfix(errors=errors, refresh=False)
+            state["lines_done"] = total
+            state["complete"] = True
+            self._save_state(state)
+        finally:
+            out.close()
+            err.close()
+            if bar is not None:
+                bar.close()
+        return JobResult(total, scored, errors, skipped)
+
+    def _score_chunk(self, chunk: list[tuple[int, str]], out: IO[bytes], err: IO[bytes]) -> tuple[int, int]:
+        encoded: list[EncodedItem] = []
+        meta: list[tuple[int, Any]] = []
+        failures: dict[int, dict[str, Any]] = {}
+        for lineno, line in chunk:
+            try:
+                item, item_id = _parse(line)
+                encoded.append(self.engine.encode(item))
+                meta.append((lineno, item_id))
+            except ItemError as e:
+                failures[lineno] = {
+                    "line": lineno,
+                    "field": e.field,
+                    "error": str(e),
+                    "raw": line[:200].rstrip("\n"),
+                }
+        results = self._score_isolating(encoded, meta, failures, chunk)
+        by_line = {
+            lineno: (item_id, s) for (lineno, item_id), s in zip(meta, results, strict=True) if s is not None
+        }
+        n_ok = 0
+        for lineno, _ in chunk:  # input order
+            if lineno in by_line:
+                item_id, s = by_line[lineno]
+                out.write((json.dumps(self._record(lineno, item_id, s)) + "\n").encode())
+                n_ok += 1
+            else:
+                err.write((json.dumps(failures[lineno]) + "\n").encode())
+        return n_ok, len(failures)
+
+    def _score_isolating(
+        self,
+        encoded: list[EncodedItem],
+        meta: list[tuple[int, Any]],
+        failures: dict[int, dict[str, Any]],
+        chunk: list[tuple[int, str]],
+    ) -> list[ItemScore | None]:
+        """Score the chunk; if a batch fails, rescore its items one by one so only the culprit is lost."""
+        try:
+            return list(self.engine.score_encoded(encoded))
+        except Exception:
+            pass
+        raw = dict(chunk)
+        results: list[ItemScore | None] = []
+        for e, (lineno, _) in zip(encoded, meta, strict=True):
+            try:
+                results.append(self.engine.forward([e])[0])
+            except Exception as exc:  # an item that breaks the model: recorded, never dropped
+                results.append(None)
+                failures[lineno] = {
+                    "line": lineno,
+                    "field": "item",
+                    "error": f"scoring failed: {exc!r}",
+                    "raw": raw[lineno][:200].rstrip("\n"),
+                }
+        if len(results) > 1 and all(r is None for r in results):
+            raise JobError("every item of a chunk failed to score: the model is broken, not the data")
+        return results
+
+    def _record(self, lineno: int, item_id: Any, s: ItemScore) -> dict[str, Any]:
+        rec: dict[str, Any] = {}
+        if item_id is not None:
+            rec["id"] = item_id
+        rec.update(
+            line=lineno,
+            reward=aggregate(s, self.aggregation, self.uwo_lambda),
+            aggregation=self.aggregation,
+            rewards=dict(zip(self.engine.head_names, s.rewards, strict=True)),
+            min=s.min,
+            max=s.max,
+            mean=s.mean,
+            std=s.std,
+            tokens=s.tokens,
+            truncated=s.truncated,
+        )
+        return rec
+
+
+def _progress(total: int, done: int, enabled: bool):  # noqa: ANN202 - tqdm or None
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="item", dynamic_ncols=True, smoothing=0.1, desc="scoring")

@@ -1,0 +1,198 @@
+"""The store publishes atomically, verifies what it loads, and refuses unsafe or escaping inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from model_store import (
+    ChecksumMismatch,
+    InvalidModelName,
+    ModelNotFound,
+    ModelStore,
+    ModelStoreError,
+    RewardManifest,
+    UnsafeModel,
+)
+from model_store.loader import load_reward_model
+from model_store.manifest import MANIFEST_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_publish_list_resolve_latest(store: ModelStore, tiny_llama_dir: Path) -> None:
+    a = store.publish(tiny_llama_dir, "rm")
+    b = store.publish(tiny_llama_dir, "rm")
+    c = store.publish(tiny_llama_dir, "rm", version="v10")
+    assert (a.version, b.version, c.version) == ("v1", "v2", "v10")
+    assert store.resolve("rm").version == "v10"  # natural order, not lexicographic
+    assert store.resolve("rm:v2").path == b.path
+    assert [str(r) for r in store.list()] == ["rm:v1", "rm:v2", "rm:v10"]
+    manifest = RewardManifest.read(a.path)
+    assert manifest is not None and "model.safetensors" in manifest.files
+    assert manifest.num_heads == 4
+    with pytest.raises(FileExistsError):
+        store.publish(tiny_llama_dir, "rm", version="v2")  # versions are immutable
+    with pytest.raises(ModelNotFound, match="no version"):
+        store.resolve("rm:v9")
+    with pytest.raises(ModelNotFound, match="no model named"):
+        store.resolve("other")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "", "x" * 200, "a\\b", "/abs", "a..b"])
+def test_traversal_and_bad_names_refused(store: ModelStore, tiny_llama_dir: Path, name: str) -> None:
+    with pytest.raises(InvalidModelName):
+        store.publish(tiny_llama_dir, name)
+    with pytest.raises((InvalidModelName, ModelNotFound)):
+        store.resolve(name)
+    assert not (store.root.parent / "evil").exists()
+
+
+def test_bad_version_refused(store: ModelStore, tiny_llama_dir: Path) -> None:
+    store.publish(tiny_llama_dir, "rm")
+    with pytest.raises(InvalidModelName):
+        store.publish(tiny_llama_dir, "rm", version="../../x")
+    with pytest.raises(InvalidModelName):
+        store.resolve("rm:../v1")
+
+
+def test_checksum_mismatch_refused(store: ModelStore, tiny_llama_dir: Path) -> None:
+    ref = store.publish(tiny_llama_dir, "rm")
+    weights = ref.path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatch, match="model.safetensors: sha256 mismatch"):
+        load_reward_model("rm", store)
+
+
+def test_unlisted_weight_file_refused(store: ModelStore, tiny_llama_dir: Path) -> None:
+    ref = store.publish(tiny_llama_dir, "rm")
+    shutil.copy(ref.path / "model.safetensors", ref.path / "extra.safetensors")
+    with pytest.raises(ChecksumMismatch, match="not listed"):
+        load_reward_model("rm", store)
+
+
+def test_pickled_weights_refused_unless_allowed(
+    store: ModelStore, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(UnsafeModel, match="pickled"):
+        store.publish(src, "rm")
+    with pytest.raises(UnsafeModel, match="pickled"):
+        load_reward_model(str(src), store)
+    # explicitly allowed: it publishes (the safetensors weights are still the ones loaded)
+    assert store.publish(src, "rm", allow_pickle=True).version == "v1"
+
+
+def test_remote_code_refused_unless_allowed(store: ModelStore, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "remote"
+    shutil.copytree(tiny_llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsafeModel, match="TRUST_REMOTE_CODE"):
+        load_reward_model(str(src), store)
+
+
+def test_single_head_model_without_manifest_loads_as_k1(store: ModelStore, tmp_path: Path) -> None:
+    from tests.builders import build_tiny_llama
+
+    src = build_tiny_llama(tmp_path / "k1", k=1)
+    (src / MANIFEST_NAME).unlink()
+    rm = load_reward_model(str(src), store)
+    assert rm.manifest.num_heads == 1 and rm.manifest.head_names == ["head_0"]
+    ref = store.publish(src, "public-rm")
+    assert RewardManifest.read(ref.path).num_heads == 1
+
+
+def test_manifest_head_count_must_match_checkpoint(
+    store: ModelStore, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "wrong"
+    shutil.copytree(tiny_llama_dir, src)
+    RewardManifest.default_for(3).write(src)
+    with pytest.raises(ModelStoreError, match="3 heads"):
+        load_reward_model(str(src), store)
+
+
+def test_manifest_validation() -> None:
+    with pytest.raises(ValueError, match="head_names"):
+        RewardManifest(num_heads=2, head_names=["a"])
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        RewardManifest.default_for(2, default_aggregation="median")
+    with pytest.raises(ValueError, match="newer"):
+        RewardManifest.default_for(2, format_version=99)
+    with pytest.raises(ValueError):
+        RewardManifest.default_for(2, surprise="field")
+    with pytest.raises(ValueError, match="strictly positive"):
+        RewardManifest.default_for(2, normalization={"mean": [0, 0], "std": [1, 0]})
+
+
+def test_unknown_spec_is_a_clear_error(store: ModelStore) -> None:
+    with pytest.raises(ModelNotFound, match="neither a directory"):
+        load_reward_model("no-such-model", store)
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time, shutil
+    import model_store.store as st
+    root, src, stage, marker = sys.argv[1:5]
+    if stage == "copy":
+        real = shutil.copy2
+        def slow_copy(a, b, **kw):
+            out = real(a, b, **kw)
+            open(marker, "w").close()
+            time.sleep(60)
+            return out
+        real_tree = shutil.copytree
+        shutil.copytree = lambda a, b, **kw: real_tree(a, b, copy_function=slow_copy, **kw)
+    else:  # stage == "rename": everything written, about to become visible
+        def hang(tmp):
+            open(marker, "w").close()
+            time.sleep(60)
+        st._fsync_tree = hang
+    st.ModelStore(root).publish(src, "rm")
+    """
+)
+
+
+@pytest.mark.parametrize("stage", ["copy", "rename"])
+def test_killed_publish_leaves_old_version_served(
+    store: ModelStore, tiny_llama_dir: Path, tmp_path: Path, stage: str
+) -> None:
+    old = store.publish(tiny_llama_dir, "rm")
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(store.root), str(tiny_llama_dir), stage, str(marker)],
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "publisher exited before reaching the kill point"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [str(r) for r in store.list()] == ["rm:v1"]  # nothing half-written is visible
+    assert store.resolve("rm").path == old.path
+    assert any(p.name.startswith(".tmp-") for p in (store.root / "rm").iterdir())  # the debris is hidden
+    assert load_reward_model("rm", store).version == "v1"  # old version still loads and verifies
+    assert store.publish(tiny_llama_dir, "rm").version == "v2"  # and publishing still works

@@ -1,0 +1,178 @@
+"""Batch scoring: ordered, resumable without duplicates, and every bad line accounted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from service.engine import Item, ScoringEngine
+from service.jobs import JobError, ScoreJob
+
+REPO = Path(__file__).resolve().parents[2]
+WORDS = "a helpful answer explains each step while a harmful one is rude or wrong".split()
+
+
+def _write_input(path: Path, n: int, seed: int = 0, bad_every: int = 0) -> dict[int, str]:
+    """Writes n lines; every `bad_every`-th line is malformed. Returns {line number: kind of badness}."""
+    rng = random.Random(seed)
+    bad: dict[int, str] = {}
+    kinds = ["not json at all", "[1, 2, 3]", '{"prompt": "only a prompt"}', "", '{"text": 5}']
+    with open(path, "w") as f:
+        for i in range(1, n + 1):
+            if bad_every and i % bad_every == 0:
+                line = kinds[(i // bad_every) % len(kinds)]
+                bad[i] = line
+            else:
+                prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
+                response = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40)))
+                line = json.dumps({"id": f"item-{i}", "prompt": prompt, "response": response})
+            f.write(line + "\n")
+    return bad
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_ten_thousand_lines_in_order_with_errors_file(tiny_engine: ScoringEngine, tmp_path: Path) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    bad = _write_input(src, 10_000, bad_every=997)
+    result = ScoreJob(tiny_engine, src, out, chunk_size=1000).run(progress_bar=False)
+    assert (result.lines, result.scored, result.errors) == (10_000, 10_000 - len(bad), len(bad))
+    rows = _lines(out)
+    assert [r["line"] for r in rows] == [i for i in range(1, 10_001) if i not in bad]  # order kept
+    assert all(r["id"] == f"item-{r['line']}" for r in rows)
+    errors = _lines(tmp_path / "out.errors.jsonl")
+    assert [e["line"] for e in errors] == sorted(bad)
+    assert all(e["error"] and e["field"] for e in errors)
+    assert {e["field"] for e in errors} >= {"line", "response", "text"}
+    # spot-check the scores against the engine scoring each item alone
+    inputs = src.read_text().splitlines()
+    for r in random.Random(1).sample(rows, 20):
+        src_obj = json.loads(inputs[r["line"] - 1])
+        alone = tiny_engine.score([Item(prompt=src_obj["prompt"], response=src_obj["response"])])[0]
+        assert list(r["rewards"].values()) == pytest.approx(alone.rewards, abs=1e-5)
+        assert r["reward"] == pytest.approx(min(alone.rewards), abs=1e-5)
+        assert set(r) >= {"min", "max", "mean", "std", "tokens", "truncated", "aggregation"}
+
+
+def test_killed_and_resumed_equals_uninterrupted(
+    tiny_llama_dir: Path, tiny_engine: ScoringEngine, tmp_path: Path
+) -> None:
+    src = tmp_path / "in.jsonl"
+    _write_input(src, 6000, seed=3, bad_every=501)
+    out, ref_out = tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
+    progress = tmp_path / "out.jsonl.progress.json"
+
+    def cmd(output: Path) -> list[str]:
+        return [
+            sys.executable, "-c", "from service.cli import app; app()", "score", "--input", str(src), "--output",
+            str(output), "--model", str(tiny_llama_dir), "--chunk-size", "50", "--no-progress",
+        ]  # fmt: skip
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_RM_STORE_ROOT": str(tmp_path / "store")}
+    ref = subprocess.run(cmd(ref_out), env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        if progress.exists() and json.loads(progress.read_text())["lines_done"] >= 500:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    state = json.loads(progress.read_text())
+    assert not state["complete"] and state["lines_done"] < 6000
+    with open(out, "ab") as f:  # a crash mid-chunk leaves a torn line behind the checkpoint
+        f.write(b'{"id": "item-torn", "rew')
+
+    resumed = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed" in resumed.stdout
+    assert out.read_text() == ref_out.read_text()  # same lines, same order, no duplicates, no torn line
+    assert (tmp_path / "out.errors.jsonl").read_text() == (tmp_path / "ref.errors.jsonl").read_text()
+
+
+def test_complete_job_is_not_rescored_and_other_jobs_are_refused(
+    tiny_engine: ScoringEngine, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(src, 30)
+    ScoreJob(tiny_engine, src, out).run(progress_bar=False)
+    again = ScoreJob(tiny_engine, src, out).run(progress_bar=False)
+    assert again.scored == 0 and again.skipped == 30
+    with pytest.raises(JobError, match="different job"):
+        ScoreJob(tiny_engine, src, out, aggregation="mean").run(progress_bar=False)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"precious": "data"}\n')
+    with pytest.raises(JobError, match="--restart"):
+        ScoreJob(tiny_engine, src, other).run(progress_bar=False)
+    assert other.read_text() == '{"precious": "data"}\n'  # never clobbered
+    assert ScoreJob(tiny_engine, src, other).run(restart=True, progress_bar=False).scored == 30
+
+
+def test_poison_item_is_isolated(tiny_engine: ScoringEngine, tmp_path: Path, monkeypatch) -> None:
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(src, 40)
+    poison_len = json.loads(src.read_text().splitlines()[7])  # line 8
+    poison_tokens = tiny_engine.encode(
+        Item(prompt=poison_len["prompt"], response=poison_len["response"])
+    ).input_ids
+    real_forward = tiny_engine.forward
+
+    def forward(batch):
+        if any(e.input_ids == poison_tokens for e in batch):
+            raise RuntimeError("simulated kernel fault")
+        return real_forward(batch)
+
+    monkeypatch.setattr(tiny_engine, "forward", forward)
+    result = ScoreJob(tiny_engine, src, out, chunk_size=16).run(progress_bar=False)
+    assert result.errors == 1 and result.scored == 39
+    [err] = _lines(tmp_path / "out.errors.jsonl")
+    assert err["line"] == 8 and "simulated kernel fault" in err["error"]
+
+
+def test_cli_score_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(
+        json.dumps({"id": 1, "text": "hello"})
+        + "\n"
+        + json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+        )
+        + "\n{broken\n"
+    )
+    args = [
+        "score",
+        "-i",
+        str(src),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_llama_dir),
+        "--aggregation",
+        "head:1",
+    ]
+    res = CliRunner().invoke(app, [*args, "--store", str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rows = _lines(out)
+    assert [r.get("id") for r in rows] == [1, None]
+    assert all(r["reward"] == list(r["rewards"].values())[1] for r in rows)
+    assert _lines(tmp_path / "out.errors.jsonl")[0]["line"] == 3
+    bad = CliRunner().invoke(app, ["score", "-i", str(src), "-o", str(tmp_path / "x.jsonl"), "--model",
+                                   str(tiny_llama_dir), "--aggregation", "head:9", "--store", str(tmp_path / "s")])  # fmt: skip
+    assert bad.exit_code == 1 and "head index" in bad.output
