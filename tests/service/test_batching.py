@@ -22,7 +22,7 @@ def test_random_plans_respect_budget_and_cover_everything(seed: int) -> None:
         lens = [lengths[i] for i in b]
         assert padded_tokens(lens) <= budget or len(b) == 1  # only a lone over-long item may exceed
     # sorted: each batch's items are no longer than the next batch's
-    for a, b in zip(batches, batches[1:]):
+    for a, b in zip(batches, batches[1:], strict=False):
         assert max(lengths[i] for i in a) <= min(lengths[i] for i in b)
 
 
