@@ -156,6 +156,11 @@ class ScoringEngine:
             std = torch.tensor(norm.std, dtype=torch.float32, device=w.device)
             w = w / std[:, None]
             b = (b - mean) / std
+        # Half-precision encoders keep half-precision head weights (exact when nothing was folded):
+        # with both kernel operands in bf16/fp16 the Triton kernel can use tensor cores.
+        model_dtype = self.head.linear.weight.dtype
+        if model_dtype in (torch.float16, torch.bfloat16):
+            w = w.to(model_dtype)
         return w.contiguous(), b.contiguous()
 
     # -- tokenization ----------------------------------------------------------------------------
