@@ -88,15 +88,19 @@ def main() -> None:
     for budget in (1024, 2048, 4096, 8192, 16384):
         schedules[f"sorted, token budget {budget}"] = plan_batches(lengths, budget, 64)
 
+    # Round-robin over schedules inside each repeat, so a noisy neighbour slows all of them alike.
+    times: dict[str, list[float]] = {name: [] for name in schedules}
+    computed: dict[str, int] = {}
+    for rep in range(args.repeats):
+        for name, batches in schedules.items():
+            elapsed, computed[name] = run_schedule(engine, encoded, batches)
+            times[name].append(elapsed)
+        print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
     rows = []
     for name, batches in schedules.items():
-        times = []
-        for _ in range(args.repeats):
-            elapsed, computed = run_schedule(engine, encoded, batches)
-            times.append(elapsed)
-        t = statistics.median(times)
-        rows.append((name, len(encoded) / t, computed / real, len(batches)))
-        print(f"{name:34s} {len(encoded) / t:8.1f} items/s  padding {computed / real:5.2f}", flush=True)
+        t = statistics.median(times[name])
+        rows.append((name, len(encoded) / t, computed[name] / real, len(batches)))
+        print(f"{name:34s} {len(encoded) / t:8.1f} items/s  padding {computed[name] / real:5.2f}", flush=True)
 
     base = dict((r[0], r[1]) for r in rows)
     ref = base["naive fixed 32, arrival order"]

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from model_store.errors import ModelNotFound, ModelStoreError, UnsafeModel
-from model_store.manifest import RewardManifest
+from model_store.errors import ChecksumMismatch, ModelNotFound, ModelStoreError, UnsafeModel
+from model_store.manifest import MANIFEST_NAME, RewardManifest
 from model_store.store import ModelStore, check_weights_safe, verify_checksums
 
 log = logging.getLogger(__name__)
@@ -38,38 +38,60 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def resolve_source(
-    spec: str | None, store: ModelStore, *, allow_pickle: bool = False
-) -> tuple[Path, str, str]:
-    """Map a model spec to (directory, name, version). Order: default, local path, store, hub."""
+    spec: str | None, store: ModelStore, *, allow_pickle: bool = False, trust_remote_code: bool = False
+) -> tuple[Path, str, str, bool]:
+    """Map a model spec to (directory, name, version, from_store).
+
+    Order: the default; a bare store name (`name` or `name:version`, before any same-named local
+    directory, so a stray folder in the working directory cannot shadow a verified model); a local
+    directory; a hub id `org/name` (optionally `@revision`).
+    """
     if spec is None or spec in {"", "default"}:
         from model_store.default_model import ensure_default_model
 
         ref = ensure_default_model(store)
-        return ref.path, ref.name, ref.version
+        return ref.path, ref.name, ref.version, True
+    if "/" not in spec and not spec.startswith((".", "~")) and store.contains(spec):
+        ref = store.resolve(spec)
+        return ref.path, ref.name, ref.version, True
     path = Path(spec).expanduser()
     if path.is_dir():
-        return path.resolve(), path.name, "local"
-    name_part = spec.split(":", 1)[0]
-    if "/" not in name_part and store.contains(spec):
-        ref = store.resolve(spec)
-        return ref.path, ref.name, ref.version
-    if _looks_like_hub_id(spec):
-        return _download_from_hub(spec, allow_pickle=allow_pickle), spec, "hub"
+        return path.resolve(), path.name, "local", False
+    if _looks_like_hub_id(spec.split("@", 1)[0]):
+        repo_id, _, revision = spec.partition("@")
+        path = _download_from_hub(
+            repo_id, revision or None, allow_pickle=allow_pickle, code=trust_remote_code
+        )
+        return path, repo_id, revision or "hub", False
     raise ModelNotFound(
-        f"model {spec!r} is neither a directory, nor in the store at {store.root}, nor a hub id (org/name)"
+        f"model {spec!r} is neither in the store at {store.root}, nor a directory, nor a hub id (org/name)"
     )
 
 
-def _download_from_hub(repo_id: str, *, allow_pickle: bool) -> Path:
+def _download_from_hub(repo_id: str, revision: str | None, *, allow_pickle: bool, code: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
         raise ModelNotFound(f"cannot fetch {repo_id!r}: huggingface_hub is not installed") from e
-    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+    patterns = _HUB_PATTERNS + (["*.bin"] if allow_pickle else []) + (["*.py"] if code else [])
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # network errors, 404s, gated repos: all mean "cannot load this"
         raise ModelNotFound(f"could not fetch {repo_id!r} from the hub: {type(e).__name__}: {e}") from e
+
+
+def default_max_length(config: Any, tokenizer: Any, cap: int = 8192) -> int:
+    """Usable positions when no manifest says: the model's and the tokenizer's limits, capped."""
+    limit = getattr(config, "max_position_embeddings", None) or cap
+    if (
+        "roberta" in str(getattr(config, "model_type", ""))
+        or getattr(config, "model_type", "") == "camembert"
+    ):
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1  # positions start after padding_idx
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and 0 < tok_limit < 1_000_000:
+        limit = min(limit, tok_limit)
+    return max(8, min(limit, cap))
 
 
 def load_reward_model(
@@ -85,10 +107,17 @@ def load_reward_model(
     """Load and verify; raises a ModelStoreError subclass with a message meant for an operator."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    path, name, version = resolve_source(spec, store, allow_pickle=allow_pickle)
+    path, name, version, from_store = resolve_source(
+        spec, store, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     check_weights_safe(path, allow_pickle=allow_pickle)
     manifest = RewardManifest.read(path)
-    if manifest is not None and verify and manifest.files:
+    if from_store and manifest is None:
+        raise ChecksumMismatch(
+            f"{path} is in the store but has no {MANIFEST_NAME}: refusing to load unverified"
+        )
+    # Store versions always carry checksums; a local checkpoint is verified when its manifest has them.
+    if manifest is not None and verify and (from_store or manifest.files):
         verify_checksums(path, manifest)
     cfg_json = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     if cfg_json.get("auto_map") and not trust_remote_code:
@@ -111,7 +140,7 @@ def load_reward_model(
         raise ModelStoreError(f"failed to load {path}: {type(e).__name__}: {e}") from e
     k = int(model.config.num_labels)
     if manifest is None:
-        manifest = RewardManifest.default_for(k)
+        manifest = RewardManifest.default_for(k, max_length=default_max_length(model.config, tokenizer))
     elif manifest.num_heads != k:
         raise ModelStoreError(
             f"manifest says {manifest.num_heads} heads but the checkpoint has num_labels={k}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +26,7 @@ TruncationSide = Literal["left", "right", "reject"]
 class HeadNormalization(BaseModel):
     """Per-head affine normalisation fitted at training time: r' = (r - mean) / std."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mean: list[float]
     std: list[float]
@@ -42,7 +43,7 @@ class HeadNormalization(BaseModel):
 class RewardManifest(BaseModel):
     """Versioned description of the K heads; unknown keys are refused so typos fail loudly."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format_version: int = FORMAT_VERSION
     num_heads: int = Field(ge=1)
@@ -70,6 +71,10 @@ class RewardManifest(BaseModel):
         if self.normalization is not None and len(self.normalization.mean) != self.num_heads:
             raise ValueError("normalization must have one mean/std per head")
         validate_aggregation(self.default_aggregation, self.num_heads)
+        for rel, digest in self.files.items():
+            check_relative_path(rel)
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"files[{rel!r}] must be a lowercase sha256 hex digest")
         return self
 
     @classmethod
@@ -100,6 +105,14 @@ def validate_aggregation(aggregation: str, num_heads: int) -> str:
             return aggregation
         raise ValueError(f"head index in {aggregation!r} must be an integer in [0, {num_heads - 1}]")
     raise ValueError(f"unknown aggregation {aggregation!r}; expected one of min, mean, max, uwo, head:<i>")
+
+
+def check_relative_path(rel: str) -> str:
+    """Manifest paths name files inside the model directory; anything that could leave it is refused."""
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in {"", ".", ".."} for p in parts):
+        raise ValueError(f"manifest file path {rel!r} must be relative and stay inside the model directory")
+    return rel
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

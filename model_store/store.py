@@ -8,6 +8,8 @@ leaves only a `.tmp-*` directory, which listing ignores and the next publish swe
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import shutil
@@ -16,12 +18,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from model_store.errors import ChecksumMismatch, InvalidModelName, ModelNotFound, UnsafeModel
+from model_store.errors import ChecksumMismatch, InvalidModelName, ModelNotFound, ModelStoreError, UnsafeModel
 from model_store.manifest import MANIFEST_NAME, RewardManifest, checksum_tree, sha256_file
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_STALE_TMP_SECONDS = 3600.0
+# Trainer checkpoint artefacts: pickles that are never weights. They are left out of the store.
+_TRAINER_ARTEFACTS = re.compile(
+    r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$"
+)
+_STALE_TMP_SECONDS = 24 * 3600.0
 
 
 def check_name(kind: str, value: str) -> str:
@@ -40,7 +46,19 @@ def _version_key(v: str) -> tuple:
 
 
 def find_pickled_weights(directory: Path) -> list[Path]:
-    return sorted(p for p in Path(directory).rglob("*") if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+    """Pickled files that could be weights (anything pickled but the known Trainer artefacts)."""
+    return sorted(
+        p
+        for p in Path(directory).rglob("*")
+        if p.is_file() and p.suffix in PICKLE_SUFFIXES and not _TRAINER_ARTEFACTS.match(p.name)
+    )
+
+
+def _refuse_symlinks(directory: Path) -> None:
+    """A link could point anywhere (and change after verification): models are plain files only."""
+    links = [p for p in Path(directory).rglob("*") if p.is_symlink()]
+    if links:
+        raise UnsafeModel(f"{directory} contains symbolic links ({', '.join(str(p) for p in links[:3])})")
 
 
 def check_weights_safe(directory: Path, allow_pickle: bool = False) -> None:
@@ -59,18 +77,23 @@ def check_weights_safe(directory: Path, allow_pickle: bool = False) -> None:
 
 
 def verify_checksums(directory: Path, manifest: RewardManifest) -> None:
-    """Every file listed in the manifest must exist with the recorded sha256; otherwise nothing loads."""
+    """The files on disk must be exactly those in the manifest, each with its sha256; else nothing loads."""
     directory = Path(directory)
-    problems = []
+    _refuse_symlinks(directory)
+    if not manifest.files:
+        raise ChecksumMismatch(f"{directory}: the manifest lists no file checksums")
+    on_disk = {
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    problems = [f"{rel}: not listed in the manifest" for rel in sorted(on_disk - manifest.files.keys())]
     for rel, expected in manifest.files.items():
         p = directory / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")
         elif sha256_file(p) != expected:
             problems.append(f"{rel}: sha256 mismatch")
-    for p in directory.glob("*.safetensors"):
-        if manifest.files and p.name not in manifest.files:
-            problems.append(f"{p.name}: weight file not listed in the manifest")
     if problems:
         raise ChecksumMismatch(f"{directory} failed verification: " + "; ".join(problems))
 
@@ -157,23 +180,49 @@ class ModelStore:
         source = Path(source)
         if not source.is_dir():
             raise ModelNotFound(f"{source} is not a directory")
+        _refuse_symlinks(source)
         check_weights_safe(source, allow_pickle=allow_pickle)
+        if manifest is None:
+            manifest = RewardManifest.read(source) or _manifest_from_config(source)
+        k = _num_labels(source)
+        if k is not None and k != manifest.num_heads:
+            raise ModelStoreError(
+                f"manifest says {manifest.num_heads} heads but config.json has num_labels={k}"
+            )
         model_dir = self._model_dir(name)
         model_dir.mkdir(parents=True, exist_ok=True)
         self._sweep_stale(model_dir)
-        version = check_name("version", version) if version else self._next_version(name)
+        if version:
+            check_name("version", version)
+        for _attempt in range(100):  # auto-versions: a concurrent publisher may take vN first
+            target = version or self._next_version(name)
+            try:
+                return self._publish_as(source, model_dir, name, target, manifest)
+            except FileExistsError:
+                if version:
+                    raise
+        raise ModelStoreError(f"could not find a free version for {name!r}")
+
+    def _publish_as(
+        self, source: Path, model_dir: Path, name: str, version: str, manifest: RewardManifest
+    ) -> ModelRef:
         final = model_dir / version
         if final.exists():
             raise FileExistsError(f"{name}:{version} already exists in {self.root}; versions are immutable")
-        if manifest is None:
-            manifest = RewardManifest.read(source) or _manifest_from_config(source)
         tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
         try:
-            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(MANIFEST_NAME, ".*"))
+            ignore = shutil.ignore_patterns(MANIFEST_NAME, ".*", "training_args.bin", "optimizer.pt",
+                                            "scheduler.pt", "scaler.pt", "rng_state*.pth")  # fmt: skip
+            shutil.copytree(source, tmp, ignore=ignore)
             manifest = manifest.model_copy(update={"files": checksum_tree(tmp)})
             manifest.write(tmp)
             _fsync_tree(tmp)
-            os.rename(tmp, final)  # atomic: the version becomes visible whole
+            try:
+                os.rename(tmp, final)  # atomic: the version becomes visible whole
+            except OSError as e:  # a concurrent publisher won the same version
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise FileExistsError(f"{name}:{version} was published concurrently") from e
+                raise
             _fsync_dir(model_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -188,15 +237,17 @@ class ModelStore:
         return ref
 
 
-def _manifest_from_config(directory: Path) -> RewardManifest:
-    import json
-
+def _num_labels(directory: Path) -> int | None:
     cfg_path = Path(directory) / "config.json"
-    k = 1
-    if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
-        k = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 1)
-    return RewardManifest.default_for(k)
+    if not cfg_path.exists():
+        return None
+    cfg = json.loads(cfg_path.read_text())
+    n = cfg.get("num_labels") or len(cfg.get("id2label") or {})
+    return int(n) if n else None
+
+
+def _manifest_from_config(directory: Path) -> RewardManifest:
+    return RewardManifest.default_for(_num_labels(directory) or 1)
 
 
 def _fsync_tree(root: Path) -> None:

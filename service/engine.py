@@ -9,7 +9,6 @@ Invariants the tests hold us to:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -86,6 +85,8 @@ def _resolve_head(model: nn.Module, pooling: str) -> _Head:
     score = getattr(model, "score", None)
     classifier = getattr(model, "classifier", None)
     if isinstance(score, nn.Linear):  # Llama/Qwen/Mistral/Gemma/GPT-2 style: last real token
+        if pooling == "pooler":
+            raise ModelStoreError("manifest asks for pooling=pooler but this decoder has no pooler")
         kind: PoolKind = "last_token" if pooling in {"auto", "last_token"} else pooling  # type: ignore[assignment]
         return _Head(kind, score)
     if isinstance(classifier, nn.Linear):
@@ -135,6 +136,8 @@ class ScoringEngine:
         self._special_ids = set(self.tokenizer.all_special_ids)
         self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         self.weight, self.bias = self._fold_heads()
+        if self.head.kind == _resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
+            self._self_check()
 
     # -- model facts -----------------------------------------------------------------------------
     @property
@@ -163,12 +166,39 @@ class ScoringEngine:
             w = w.to(model_dtype)
         return w.contiguous(), b.contiguous()
 
+    def _self_check(self) -> None:
+        """Refuse an architecture whose head we would reproduce wrongly (e.g. DistilBERT's
+        pre_classifier, ELECTRA's GELU head): one probe through our path vs. the model's own forward."""
+        ids, types = self._tokenize(Item(text="hydra-rm self-check: is this reward the model's own?"))
+        cut = slice(0, min(len(ids), self.max_length))  # whatever the truncation policy, probe in range
+        probe = EncodedItem(ids[cut], types[cut] if types is not None else None, False, len(ids))
+        ours = torch.tensor(self.forward([probe])[0].rewards)
+        kw: dict[str, Any] = {"input_ids": torch.tensor([probe.input_ids], device=self.device)}
+        if probe.token_type_ids is not None:
+            kw["token_type_ids"] = torch.tensor([probe.token_type_ids], device=self.device)
+        with torch.inference_mode():
+            ref = self.model(**kw).logits[0].float().cpu()
+        norm = self.manifest.normalization
+        if norm is not None:
+            ref = (ref - torch.tensor(norm.mean)) / torch.tensor(norm.std)
+        tol = 1e-3 if self.head.linear.weight.dtype == torch.float32 else 5e-2
+        if not torch.allclose(ours, ref, atol=tol, rtol=tol):
+            raise ModelStoreError(
+                f"{type(self.model).__name__} is not supported: hydra-rm's pooling + heads do not reproduce "
+                f"the model's own logits (max difference {(ours - ref).abs().max().item():.3g})"
+            )
+
     # -- tokenization ----------------------------------------------------------------------------
     def encode(self, item: Item | dict[str, Any]) -> EncodedItem:
         """Tokenize with the chat template where there is one, then apply the truncation policy."""
         if isinstance(item, dict):
             item = Item.from_dict(item)
-        ids, types = self._tokenize(item)
+        try:
+            ids, types = self._tokenize(item)
+        except ItemError:
+            raise
+        except Exception as e:  # e.g. lone surrogates the tokenizer cannot encode: the item's fault
+            raise ItemError(f"could not tokenize the item: {e}", field=_main_field(item)) from e
         n = len(ids)
         if n <= self.max_length:
             return EncodedItem(ids, types, False, n)
@@ -350,7 +380,3 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
             raise ItemError(f"messages[{i}] must be an object with string role and content", field="messages")
         out.append({"role": m["role"], "content": m["content"]})
     return out
-
-
-def is_finite(score: ItemScore) -> bool:
-    return all(math.isfinite(v) for v in score.rewards)

@@ -1,21 +1,27 @@
 """Batch scoring of JSONL files: streaming, ordered, resumable, and nothing dropped silently.
 
-Resume protocol: after each chunk is written and fsynced, a small sidecar `<output>.progress.json`
-records how many input lines are done and the byte lengths of the output and errors files. On
-restart both files are truncated back to those lengths (discarding a half-written chunk) and the
-input is skipped to that line, so an interrupted run + resume gives exactly the lines of an
-uninterrupted one, with no duplicates and no re-scoring of finished chunks.
+Resume protocol: a small sidecar `<output>.progress.json` is written before any output, then after
+each chunk is written and fsynced; it records how many input lines are done and the byte lengths of
+the output and errors files. On restart both files are truncated back to those lengths (discarding
+a half-written chunk) and the input is skipped to that line, so an interrupted run + resume gives
+exactly the lines of an uninterrupted one, with no duplicates and no re-scoring of finished chunks.
+
+Lines are split on `\\n` only and decoded strictly as UTF-8, so line numbers always match what
+`wc -l`/editors show and bytes that are not text are reported, never silently replaced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from model_store.manifest import validate_aggregation
 from service.aggregation import aggregate
 from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 
@@ -47,6 +53,24 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def model_fingerprint(engine: ScoringEngine) -> str:
+    """Identifies the weights and the settings that change rewards, so a resume never mixes two models."""
+    rm = engine.rm
+    files: Any = rm.manifest.files or sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(rm.path).iterdir() if p.is_file()
+    )
+    ident = {
+        "name": rm.name,
+        "version": rm.version,
+        "files": files,
+        "max_length": engine.max_length,
+        "truncation_side": engine.truncation_side,
+        "normalization": rm.manifest.normalization.model_dump() if rm.manifest.normalization else None,
+        "dtype": str(engine.weight.dtype),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _count_lines(path: Path) -> int:
     n, last = 0, b"\n"
     with open(path, "rb") as f:
@@ -56,9 +80,9 @@ def _count_lines(path: Path) -> int:
     return n + (last != b"\n")
 
 
-def _read_chunks(f: IO[str], start_line: int, chunk_size: int) -> Iterator[list[tuple[int, str]]]:
-    chunk: list[tuple[int, str]] = []
-    for lineno, line in enumerate(f, start=1):
+def _read_chunks(f: IO[bytes], start_line: int, chunk_size: int) -> Iterator[list[tuple[int, bytes]]]:
+    chunk: list[tuple[int, bytes]] = []
+    for lineno, line in enumerate(f, start=1):  # binary iteration splits on b"\n" only
         if lineno <= start_line:
             continue
         chunk.append((lineno, line))
@@ -69,7 +93,11 @@ def _read_chunks(f: IO[str], start_line: int, chunk_size: int) -> Iterator[list[
         yield chunk
 
 
-def _parse(line: str) -> tuple[Item, Any]:
+def _parse(lineno: int, raw: bytes) -> tuple[Item, Any]:
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ItemError(f"line is not valid UTF-8 (byte {e.start})", field="line") from e
     if not line.strip():
         raise ItemError("empty line", field="line")
     try:
@@ -79,6 +107,10 @@ def _parse(line: str) -> tuple[Item, Any]:
     if not isinstance(obj, dict):
         raise ItemError("each line must be a JSON object", field="line")
     return Item.from_dict(obj), obj.get("id")
+
+
+def _raw_excerpt(raw: bytes) -> str:
+    return raw[:200].decode("utf-8", errors="backslashreplace").rstrip("\r\n")
 
 
 class ScoreJob:
@@ -94,25 +126,26 @@ class ScoreJob:
         aggregation: str | None = None,
         uwo_lambda: float | None = None,
         chunk_size: int = 512,
-        model_spec: str = "",
     ) -> None:
         self.engine = engine
         self.input = Path(input_path)
         self.output = Path(output_path)
         self.errors = Path(errors_path) if errors_path else default_errors_path(self.output)
-        self.aggregation = aggregation or engine.manifest.default_aggregation
-        from model_store.manifest import validate_aggregation
-
-        validate_aggregation(self.aggregation, engine.num_heads)
+        self.progress = _progress_path(self.output)
+        self.aggregation = validate_aggregation(
+            aggregation or engine.manifest.default_aggregation, engine.num_heads
+        )
         self.uwo_lambda = engine.manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
         self.chunk_size = chunk_size
-        self.model_spec = model_spec
-        self.progress = _progress_path(self.output)
+        paths = [p.resolve() for p in (self.input, self.output, self.errors, self.progress)]
+        if len(set(paths)) != len(paths):
+            raise JobError("input, output and errors files must all be different files")
 
     def _job_identity(self) -> dict[str, Any]:
         return {
             "input": _fingerprint(self.input),
             "model": f"{self.engine.rm.name}:{self.engine.rm.version}",
+            "model_fingerprint": model_fingerprint(self.engine),
             "aggregation": self.aggregation,
             "uwo_lambda": self.uwo_lambda,
             "errors": str(self.errors.resolve()),
@@ -127,18 +160,30 @@ class ScoreJob:
             "errors_bytes": 0,
             "complete": False,
         }
-        if restart:
-            return fresh
-        if self.progress.exists():
+        if not restart and self.progress.exists():
             state = json.loads(self.progress.read_text())
             if state.get("job") != fresh["job"]:
                 raise JobError(
                     f"{self.output} belongs to a different job (input, model or aggregation changed); "
                     "pass --restart to score from scratch"
                 )
+            for path, key in ((self.output, "output_bytes"), (self.errors, "errors_bytes")):
+                size = path.stat().st_size if path.exists() else 0
+                if size < state[key]:
+                    raise JobError(
+                        f"{path} is shorter than at its last checkpoint (it was changed or removed); "
+                        "pass --restart to score from scratch"
+                    )
             return state
-        if self.output.exists() and self.output.stat().st_size > 0:
-            raise JobError(f"{self.output} exists and has no progress file; pass --restart to overwrite it")
+        if not restart:
+            for path in (self.output, self.errors):
+                if path.exists() and path.stat().st_size > 0:
+                    raise JobError(f"{path} exists and is not from this job; pass --restart to overwrite it")
+        # Record the fresh state before touching any output: a crash from here on can resume.
+        self._save_state(fresh)
+        for path in (self.output, self.errors):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            open(path, "wb").close()  # noqa: SIM115 - create/empty
         return fresh
 
     def _save_state(self, state: dict[str, Any]) -> None:
@@ -156,96 +201,83 @@ class ScoreJob:
         total = _count_lines(self.input)
         if state["complete"]:
             return JobResult(total, 0, 0, state["lines_done"])
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.output, "r+b" if self.output.exists() and not restart else "w+b")  # noqa: SIM115
-        err = open(self.errors, "r+b" if self.errors.exists() and not restart else "w+b")  # noqa: SIM115
-        # Drop anything written after the last checkpoint (a chunk cut short by a crash).
-        out.truncate(state["output_bytes"])
-        err.truncate(state["errors_bytes"])
-        out.seek(state["output_bytes"])
-        err.seek(state["errors_bytes"])
         skipped = state["lines_done"]
         scored = errors = 0
         bar = _progress(total, skipped, progress_bar)
-        try:
-            with open(self.input, encoding="utf-8", errors="replace") as f:
-                for chunk in _read_chunks(f, skipped, self.chunk_size):
+        with open(self.output, "r+b") as out, open(self.errors, "r+b") as err, open(self.input, "rb") as src:
+            # Drop anything written after the last checkpoint (a chunk cut short by a crash).
+            for f, key in ((out, "output_bytes"), (err, "errors_bytes")):
+                f.truncate(state[key])
+                f.seek(state[key])
+            try:
+                for chunk in _read_chunks(src, skipped, self.chunk_size):
                     n_ok, n_err = self._score_chunk(chunk, out, err)
                     scored, errors = scored + n_ok, errors + n_err
-                    out.flush()
-                    err.flush()
-                    os.fsync(out.fileno())
-                    os.fsync(err.fileno())
+                    for f in (out, err):
+                        f.flush()
+                        os.fsync(f.fileno())
                     state.update(lines_done=chunk[-1][0], output_bytes=out.tell(), errors_bytes=err.tell())
                     self._save_state(state)
                     if bar is not None:
                         bar.update(len(chunk))
                         bar.set_postfix(errors=errors, refresh=False)
-            state["lines_done"] = total
-            state["complete"] = True
-            self._save_state(state)
-        finally:
-            out.close()
-            err.close()
-            if bar is not None:
-                bar.close()
+            finally:
+                if bar is not None:
+                    bar.close()
+        state.update(lines_done=total, complete=True)
+        self._save_state(state)
         return JobResult(total, scored, errors, skipped)
 
-    def _score_chunk(self, chunk: list[tuple[int, str]], out: IO[bytes], err: IO[bytes]) -> tuple[int, int]:
+    def _score_chunk(self, chunk: list[tuple[int, bytes]], out: IO[bytes], err: IO[bytes]) -> tuple[int, int]:
         encoded: list[EncodedItem] = []
         meta: list[tuple[int, Any]] = []
         failures: dict[int, dict[str, Any]] = {}
+        raw = dict(chunk)
         for lineno, line in chunk:
             try:
-                item, item_id = _parse(line)
+                item, item_id = _parse(lineno, line)
                 encoded.append(self.engine.encode(item))
                 meta.append((lineno, item_id))
             except ItemError as e:
-                failures[lineno] = {
-                    "line": lineno,
-                    "field": e.field,
-                    "error": str(e),
-                    "raw": line[:200].rstrip("\n"),
-                }
-        results = self._score_isolating(encoded, meta, failures, chunk)
-        by_line = {
-            lineno: (item_id, s) for (lineno, item_id), s in zip(meta, results, strict=True) if s is not None
-        }
-        n_ok = 0
+                failures[lineno] = _failure(lineno, e.field, str(e), line)
+        results = self._score_isolating(encoded, meta, failures, raw)
+        by_line: dict[int, tuple[Any, ItemScore]] = {}
+        for (lineno, item_id), s in zip(meta, results, strict=True):
+            if s is None:
+                continue
+            if not all(math.isfinite(v) for v in s.rewards):  # JSON has no NaN; a broken row is an error
+                failures[lineno] = _failure(
+                    lineno, "item", "the model produced a non-finite reward", raw[lineno]
+                )
+            else:
+                by_line[lineno] = (item_id, s)
         for lineno, _ in chunk:  # input order
             if lineno in by_line:
                 item_id, s = by_line[lineno]
-                out.write((json.dumps(self._record(lineno, item_id, s)) + "\n").encode())
-                n_ok += 1
+                out.write((json.dumps(self._record(lineno, item_id, s), allow_nan=False) + "\n").encode())
             else:
                 err.write((json.dumps(failures[lineno]) + "\n").encode())
-        return n_ok, len(failures)
+        return len(by_line), len(chunk) - len(by_line)
 
     def _score_isolating(
         self,
         encoded: list[EncodedItem],
         meta: list[tuple[int, Any]],
         failures: dict[int, dict[str, Any]],
-        chunk: list[tuple[int, str]],
+        raw: dict[int, bytes],
     ) -> list[ItemScore | None]:
         """Score the chunk; if a batch fails, rescore its items one by one so only the culprit is lost."""
         try:
             return list(self.engine.score_encoded(encoded))
         except Exception:
             pass
-        raw = dict(chunk)
         results: list[ItemScore | None] = []
         for e, (lineno, _) in zip(encoded, meta, strict=True):
             try:
                 results.append(self.engine.forward([e])[0])
             except Exception as exc:  # an item that breaks the model: recorded, never dropped
                 results.append(None)
-                failures[lineno] = {
-                    "line": lineno,
-                    "field": "item",
-                    "error": f"scoring failed: {exc!r}",
-                    "raw": raw[lineno][:200].rstrip("\n"),
-                }
+                failures[lineno] = _failure(lineno, "item", f"scoring failed: {exc!r}", raw[lineno])
         if len(results) > 1 and all(r is None for r in results):
             raise JobError("every item of a chunk failed to score: the model is broken, not the data")
         return results
@@ -267,6 +299,10 @@ class ScoreJob:
             truncated=s.truncated,
         )
         return rec
+
+
+def _failure(lineno: int, field: str, error: str, raw: bytes) -> dict[str, Any]:
+    return {"line": lineno, "field": field, "error": error, "raw": _raw_excerpt(raw)}
 
 
 def _progress(total: int, done: int, enabled: bool):  # noqa: ANN202 - tqdm or None

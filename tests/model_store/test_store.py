@@ -75,6 +75,11 @@ def test_checksum_mismatch_refused(store: ModelStore, tiny_llama_dir: Path) -> N
         load_reward_model("rm", store)
 
 
+def test_manifest_must_match_config_at_publish(store: ModelStore, tiny_llama_dir: Path) -> None:
+    with pytest.raises(ModelStoreError, match="num_labels=4"):
+        store.publish(tiny_llama_dir, "rm", manifest=RewardManifest.default_for(2))
+
+
 def test_unlisted_weight_file_refused(store: ModelStore, tiny_llama_dir: Path) -> None:
     ref = store.publish(tiny_llama_dir, "rm")
     shutil.copy(ref.path / "model.safetensors", ref.path / "extra.safetensors")
@@ -92,8 +97,82 @@ def test_pickled_weights_refused_unless_allowed(
         store.publish(src, "rm")
     with pytest.raises(UnsafeModel, match="pickled"):
         load_reward_model(str(src), store)
-    # explicitly allowed: it publishes (the safetensors weights are still the ones loaded)
+    # explicitly allowed: it publishes, and the safetensors weights are still the ones loaded
     assert store.publish(src, "rm", allow_pickle=True).version == "v1"
+    rm = load_reward_model("rm", store, allow_pickle=True)
+    assert rm.model.config.num_labels == 4
+
+
+def test_trainer_artefacts_are_not_weights_and_stay_out(
+    store: ModelStore, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama_dir, src)
+    for name in ("training_args.bin", "optimizer.pt", "rng_state.pth"):
+        (src / name).write_bytes(b"pickled trainer state")
+    ref = store.publish(src, "rm")
+    assert not (ref.path / "training_args.bin").exists()
+    assert load_reward_model("rm", store).version == "v1"
+
+
+def test_symlinks_refused(store: ModelStore, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "linked"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "extra.json").symlink_to("/etc/hostname")
+    with pytest.raises(UnsafeModel, match="symbolic links"):
+        store.publish(src, "rm")
+    ref = store.publish(tiny_llama_dir, "rm")
+    (ref.path / "sneaky.json").symlink_to("/etc/hostname")
+    with pytest.raises(UnsafeModel, match="symbolic links"):
+        load_reward_model("rm", store)
+
+
+@pytest.mark.parametrize("tamper", ["added_file", "empty_files", "manifest_deleted", "template_changed"])
+def test_store_versions_load_only_fully_verified(
+    store: ModelStore, tiny_llama_dir: Path, tamper: str
+) -> None:
+    ref = store.publish(tiny_llama_dir, "rm")
+    manifest_path = ref.path / MANIFEST_NAME
+    if tamper == "added_file":
+        (ref.path / "added_tokens.json").write_text('{"<evil>": 5}')
+    elif tamper == "empty_files":
+        m = json.loads(manifest_path.read_text())
+        m["files"] = {}
+        manifest_path.write_text(json.dumps(m))
+    elif tamper == "manifest_deleted":
+        manifest_path.unlink()
+    else:
+        (ref.path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(ChecksumMismatch):
+        load_reward_model("rm", store)
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "/etc/passwd", "a/../../b", "a\\..\\b", ""])
+def test_manifest_file_paths_cannot_escape(key: str) -> None:
+    with pytest.raises(ValueError, match="inside the model directory"):
+        RewardManifest.default_for(1, files={key: "0" * 64})
+
+
+def test_concurrent_publish_of_one_version(store: ModelStore, tiny_llama_dir: Path, monkeypatch) -> None:
+    """Two publishers race for v1: one wins, the other gets FileExistsError (explicit) or v2 (auto)."""
+    import model_store.store as st
+
+    real_fsync = st._fsync_tree
+    raced = []
+
+    def racing_fsync(tmp: Path) -> None:
+        real_fsync(tmp)
+        if not raced:  # while we are between copy and rename, someone else publishes the same version
+            raced.append(True)
+            ModelStore(store.root).publish(tiny_llama_dir, "rm", version=tmp.name.split("-")[1])
+
+    monkeypatch.setattr(st, "_fsync_tree", racing_fsync)
+    with pytest.raises(FileExistsError):
+        store.publish(tiny_llama_dir, "rm", version="v1")
+    raced.clear()
+    assert store.publish(tiny_llama_dir, "rm").version == "v3"  # v2 taken by the racer, so v3
+    assert [r.version for r in store.list()] == ["v1", "v2", "v3"]
+    assert not [p for p in (store.root / "rm").iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_remote_code_refused_unless_allowed(store: ModelStore, tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -141,7 +220,7 @@ def test_manifest_validation() -> None:
 
 
 def test_unknown_spec_is_a_clear_error(store: ModelStore) -> None:
-    with pytest.raises(ModelNotFound, match="neither a directory"):
+    with pytest.raises(ModelNotFound, match="neither in the store"):
         load_reward_model("no-such-model", store)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from model_store import ModelStore, RewardManifest
+from model_store import ModelStore, ModelStoreError, RewardManifest
 from model_store.loader import load_reward_model
 from model_store.manifest import HeadNormalization
 from service.aggregation import aggregate
@@ -222,3 +222,33 @@ def test_nan_in_encoder_output_is_not_hidden_by_min(tiny_engine: ScoringEngine, 
     monkeypatch.setattr(tiny_engine, "weight", w)
     for s in tiny_engine.forward(enc):
         assert s.min != s.min and s.std != s.std
+
+
+def test_unsupported_head_is_refused_not_misscored(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """DistilBERT's classifier sits behind pre_classifier+ReLU: our pooling would silently differ."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    dest = tmp_path / "distil"
+    cfg = DistilBertConfig(vocab_size=600, dim=32, n_layers=1, n_heads=4, hidden_dim=64, num_labels=2)
+    torch.manual_seed(0)
+    DistilBertForSequenceClassification(cfg).save_pretrained(dest, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(dest)
+    with pytest.raises(ModelStoreError, match="not supported"):
+        _engine(dest, tmp_path)
+
+
+def test_pooler_on_a_decoder_is_refused(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    src = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, src)
+    m = RewardManifest.read(src)
+    m.model_copy(update={"pooling": "pooler"}).write(src)
+    with pytest.raises(ModelStoreError, match="pooler"):
+        _engine(src, tmp_path)
+
+
+def test_untokenizable_text_is_an_item_error(tiny_engine: ScoringEngine) -> None:
+    with pytest.raises(ItemError) as ei:
+        tiny_engine.encode(Item(text="lone surrogate \ud800 here"))
+    assert ei.value.field == "text"
