@@ -173,6 +173,31 @@ def score(
     )
 
 
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Bind address (default: $HYDRA_RM_HOST or 127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: $HYDRA_RM_PORT or 8000).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Store name, directory or hub id (default: the embedded default).")
+    ] = None,
+    store: StoreOpt = None,
+    log_level: Annotated[str | None, typer.Option(help="critical, error, warning, info or debug.")] = None,
+) -> None:
+    """Serve the HTTP API (every other setting comes from HYDRA_RM_* variables; see the README)."""
+    _quiet_hf()
+    from pydantic import ValidationError
+
+    from service.server import run
+
+    try:
+        settings = _settings(host=host, port=port, model=model, store_root=store, log_level=log_level)
+    except ValidationError as e:
+        raise _fail(f"invalid settings: {e}") from e
+    run(settings)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -1,0 +1,103 @@
+"""The app factory: `create_app(settings)` builds the FastAPI app; the model loads in the lifespan.
+
+Loading happens before uvicorn starts listening, so a served port always means a warmed-up model;
+a model that fails to load fails startup loudly instead of serving 503s forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI
+
+from service.auth import api_key_dependency
+from service.errors import install_error_handlers
+from service.metrics import Metrics, RequestMetricsMiddleware
+from service.middleware import BodyLimitMiddleware
+from service.routes import health, models, score
+from service.runtime import ScoringService
+from service.settings import Settings, build_engine
+
+log = logging.getLogger("hydra_rm.app")
+
+DESCRIPTION = (
+    "Multi-head reward model inference for RLHF: one shared encoder, K linear reward heads, the "
+    "pessimistic reward (min over heads) by default, with every head and their std per item."
+)
+
+
+def create_app(settings: Settings | None = None, *, engine: Any | None = None) -> FastAPI:
+    """Build the app. `engine` (a ScoringEngine or a wrapper of one) skips loading: tests, benches."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
+        service = ScoringService(settings, eng, metrics)
+        await service.start()
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="hydra-rm",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    auth = [Depends(api_key_dependency(settings.api_keys))] if settings.api_keys else []
+    app.include_router(health.router)
+    app.include_router(score.router, dependencies=auth)
+    app.include_router(models.router, dependencies=auth)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every status
+    generic_openapi = app.openapi
+
+    def served_openapi() -> dict[str, Any]:
+        """The schema of *this* server: its real head indices and item limits, not just patterns."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generic_openapi()  # FastAPI caches it in app.openapi_schema
+        service = getattr(app.state, "service", None)
+        if service is None:  # not started yet: do not cache the generic version
+            app.openapi_schema = None
+            return schema
+        _specialise(schema, service.engine.num_heads, settings.max_items_per_request)
+        return schema
+
+    app.openapi = served_openapi  # type: ignore[method-assign]
+    return app
+
+
+def _specialise(schema: dict[str, Any], num_heads: int, max_items: int) -> None:
+    components = schema.get("components", {}).get("schemas", {})
+    request = components.get("ScoreRequest", {}).get("properties", {})
+    aggregations = ["min", "mean", "max", "uwo", *(f"head:{i}" for i in range(num_heads))]
+    for branch in request.get("aggregation", {}).get("anyOf", []):
+        if branch.get("type") == "string":
+            branch.pop("pattern", None)
+            branch["enum"] = aggregations
+    if "items" in request:
+        request["items"]["maxItems"] = max_items
+    query = components.get("GetRewardRequest", {}).get("properties", {}).get("query")
+    if query is not None:
+        query["maxItems"] = max_items
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hydra-rm")
+    except PackageNotFoundError:  # running from a source tree
+        return "0.0.0"

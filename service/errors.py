@@ -1,0 +1,140 @@
+"""Errors are values with a status, mapped to HTTP in exactly one place (`install_error_handlers`).
+
+Every error body has the same shape, `{"error": {"type", "message", "field"}}`, and no handler ever
+returns a stack trace: unexpected exceptions are logged here and answered with a fixed message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.metrics import ERROR_TYPE_KEY
+from service.protocol import ErrorDetail, ErrorResponse
+
+log = logging.getLogger("hydra_rm.errors")
+
+
+class ServiceError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+class InvalidInput(ServiceError):
+    status, type = 422, "invalid_request"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type = 413, "payload_too_large"
+
+
+class Unauthorized(ServiceError):
+    status, type = 401, "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Overloaded(ServiceError):
+    """The queue is full (or the server is draining): retry later, elsewhere if possible."""
+
+    status, type = 503, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class NotReady(ServiceError):
+    status, type = 503, "not_ready"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class DeadlineExceeded(ServiceError):
+    status, type = 504, "timeout"
+
+
+class ScoringFailed(ServiceError):
+    """The engine raised on this request's items (after isolating them from their neighbours)."""
+
+    status, type = 500, "scoring_failed"
+
+
+class ClientDisconnected(ServiceError):
+    status, type = 499, "client_disconnected"  # nginx's convention; nobody reads it
+
+
+def error_response(
+    status: int, type_: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """('body', 'items', 3, 'text') -> 'items[3].text'; the body itself is 'body'."""
+    parts = list(loc[1:] if loc and loc[0] in {"body", "query", "path", "header"} else loc)
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += f".{p}" if out else str(p)
+    return out or "body"
+
+
+def _validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    first = errors[0]
+    loc = first.get("loc", ())
+    if first.get("type") == "json_invalid":
+        return "body", f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}"
+    field = field_path(loc)
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return field, f"{field}: {msg}{more}"
+
+
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The single place where exceptions become HTTP statuses."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        request.scope[ERROR_TYPE_KEY] = exc.type
+        return error_response(exc.status, exc.type, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        request.scope[ERROR_TYPE_KEY] = "invalid_request"
+        field, message = _validation_message(exc.errors())
+        return error_response(422, "invalid_request", message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. bytes that are not UTF-8)
+            request.scope[ERROR_TYPE_KEY] = "invalid_request"
+            return error_response(422, "invalid_request", "request body is not valid UTF-8 JSON", "body")
+        type_ = _HTTP_TYPES.get(exc.status_code, "http_error")
+        request.scope[ERROR_TYPE_KEY] = type_
+        return error_response(exc.status_code, type_, str(exc.detail), None, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        request.scope[ERROR_TYPE_KEY] = "internal_error"
+        return error_response(500, "internal_error", "internal server error (logged on the server)")

@@ -1,0 +1,229 @@
+"""Prometheus metrics, one registry per app (several apps in one process must not collide).
+
+The point of a multi-head reward model is the head disagreement, so it is a histogram (not a
+gauge of the last value): its quantiles over a PPO step show when the policy walks off the data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from service.engine import EncodedItem, ItemScore
+
+ARRIVED_KEY = "hydra_rm.arrived"
+SUBMITTED_KEY = "hydra_rm.submitted"  # set once a scoring request's items are in the batcher queue
+ERROR_TYPE_KEY = "hydra_rm.error_type"  # set by the error handlers: the reason a request was rejected
+
+# Rewards of normalised heads live around [-3, 3]; untrained heads can stray further.
+_REWARD_BUCKETS = (
+    -10.0,
+    -5.0,
+    -3.0,
+    -2.0,
+    -1.5,
+    -1.0,
+    -0.5,
+    -0.25,
+    0.0,
+    0.25,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+)
+_SPREAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 150.0)
+
+
+class Metrics:
+    """Every series the service exports; `observe_*` methods are called from the batcher and routes."""
+
+    def __init__(self, head_names: Sequence[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "hydra_rm_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "hydra_rm_request_duration_seconds",
+            "HTTP request latency by endpoint and status.",
+            ["endpoint", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "hydra_rm_requests_in_flight",
+            "HTTP requests being served, by endpoint.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "hydra_rm_rejected_requests",
+            "Scoring requests not scored, by reason: the error type (invalid_request, payload_too_large, "
+            "unauthorized, overloaded, timeout, client_disconnected, scoring_failed, ...).",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_items = Gauge("hydra_rm_queue_items", "Items accepted and not yet scored.", registry=r)
+        self.queue_tokens = Gauge("hydra_rm_queue_tokens", "Tokens accepted and not yet scored.", registry=r)
+        self.batch_size = Histogram(
+            "hydra_rm_batch_size",
+            "Items per encoder batch.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "hydra_rm_batch_tokens",
+            "Padded tokens per encoder batch (what the encoder computes).",
+            buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072),
+            registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "hydra_rm_padding_ratio",
+            "Share of each batch's padded tokens that are padding.",
+            buckets=(0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+            registry=r,
+        )
+        self.inference = Histogram(
+            "hydra_rm_inference_seconds",
+            "Encoder + heads time per batch.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.tokens = Counter("hydra_rm_tokens", "Real (unpadded) tokens scored.", registry=r)
+        self.tokens_per_second = Gauge(
+            "hydra_rm_tokens_per_second", "Real tokens per second of inference, last batch.", registry=r
+        )
+        self.items = Counter("hydra_rm_items_scored", "Items scored.", registry=r)
+        self.truncated = Counter("hydra_rm_truncated_items", "Items cut to max_length.", registry=r)
+        self.batch_failures = Counter(
+            "hydra_rm_batch_failures", "Encoder batches that raised (then split to isolate).", registry=r
+        )
+        self.disagreement = Histogram(
+            "hydra_rm_head_disagreement",
+            "Std of the rewards across heads, per item: the ensemble's uncertainty.",
+            buckets=_SPREAD_BUCKETS,
+            registry=r,
+        )
+        self.min_mean_gap = Histogram(
+            "hydra_rm_min_mean_gap",
+            "mean - min across heads, per item: what pessimism costs.",
+            buckets=_SPREAD_BUCKETS,
+            registry=r,
+        )
+        self.head_reward = Histogram(
+            "hydra_rm_head_reward",
+            "Reward per head, per item.",
+            ["head"],
+            buckets=_REWARD_BUCKETS,
+            registry=r,
+        )
+        self.ready = Gauge("hydra_rm_ready", "1 when the model is loaded and warmed up.", registry=r)
+        self.model_info = Gauge(
+            "hydra_rm_model_info", "The model served (value 1).", ["name", "version", "num_heads"], registry=r
+        )
+        self._head_children: list[Histogram] = []
+        self.set_heads(head_names)
+        # Scoring requests received but not yet queued (reading body, validating, tokenizing): the
+        # batcher waits for these, and only these, before flushing a part-full batch.
+        self.arriving = 0
+        Gauge(
+            "hydra_rm_requests_arriving",
+            "Scoring requests received but not yet queued (body, validation, tokenization).",
+            registry=r,
+        ).set_function(lambda: self.arriving)
+
+    def submitted(self, scope: dict) -> None:
+        if scope.get(SUBMITTED_KEY) is False:
+            scope[SUBMITTED_KEY] = True
+            self.arriving -= 1
+
+    def set_heads(self, head_names: Sequence[str]) -> None:
+        # Resolve label children once: .labels() per observation is a dict lookup + lock we can skip.
+        self._head_children = [self.head_reward.labels(head=n) for n in head_names]
+
+    def track_queue(self, items: Callable[[], float], tokens: Callable[[], float]) -> None:
+        """Queue depth is read at scrape time, so it is never stale."""
+        self.queue_items.set_function(items)
+        self.queue_tokens.set_function(tokens)
+
+    def observe_batch(
+        self, batch: Sequence[EncodedItem], scores: Sequence[ItemScore], seconds: float
+    ) -> None:
+        real = sum(e.n_tokens for e in batch)
+        padded = max(e.n_tokens for e in batch) * len(batch)
+        self.batch_size.observe(len(batch))
+        self.batch_tokens.observe(padded)
+        self.padding_ratio.observe(1.0 - real / padded if padded else 0.0)
+        self.inference.observe(seconds)
+        self.tokens.inc(real)
+        if seconds > 0:
+            self.tokens_per_second.set(real / seconds)
+        self.items.inc(len(scores))
+        heads = self._head_children
+        truncated = 0
+        for s in scores:
+            self.disagreement.observe(s.std)
+            self.min_mean_gap.observe(s.mean - s.min)
+            for h, v in zip(heads, s.rewards, strict=False):
+                h.observe(v)
+            truncated += s.truncated
+        if truncated:
+            self.truncated.inc(truncated)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """Counts and times every HTTP request by route template (not raw path: bounded cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        scope[ARRIVED_KEY] = time.monotonic()  # the request deadline counts from here
+        status = 500
+        raw_path = scope.get("path", "")
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        gauge = self.metrics.in_flight.labels(endpoint=raw_path if raw_path in _KNOWN else "other")
+        gauge.inc()
+        if raw_path in _SCORING:
+            scope[SUBMITTED_KEY] = False
+            self.metrics.arriving += 1
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            gauge.dec()
+            self.metrics.submitted(scope)  # a request that failed before queueing stops "arriving"
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or (raw_path if raw_path in _KNOWN else "unmatched")
+            labels = {"endpoint": endpoint, "status": str(status)}
+            self.metrics.requests.labels(**labels).inc()
+            self.metrics.latency.labels(**labels).observe(time.perf_counter() - start)
+            if status >= 400 and endpoint in _SCORING:
+                self.metrics.rejected.labels(reason=scope.get(ERROR_TYPE_KEY) or f"http_{status}").inc()
+
+
+_SCORING = {"/v1/score", "/get_reward"}
+_KNOWN = _SCORING | {"/v1/models", "/healthz", "/readyz", "/metrics"}

@@ -1,0 +1,39 @@
+"""`GET /v1/models`: what is served, so a trainer can check heads and aggregation before a run."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from service.protocol import ModelCard, ModelList
+from service.routes.common import SCORING_ERRORS, get_service
+from service.runtime import ScoringService
+
+router = APIRouter(tags=["models"])
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    summary="The served model: heads, names, encoder, version, limits, default aggregation.",
+    responses={k: v for k, v in SCORING_ERRORS.items() if k in (401, 503)},
+)
+async def list_models(service: ScoringService = Depends(get_service)) -> ModelList:
+    info = service.describe()
+    card = ModelCard(
+        id=str(info["name"]),
+        version=str(info["version"]),
+        num_heads=info["num_heads"],
+        head_names=info["head_names"],
+        encoder=info.get("encoder"),
+        architecture=info.get("architecture"),
+        pooling=info["pooling"],
+        max_length=info["max_length"],
+        truncation_side=info["truncation_side"],
+        default_aggregation=info["default_aggregation"],
+        uwo_lambda=info["uwo_lambda"],
+        chat_template=info["chat_template"],
+        device=info["device"],
+        token_budget=info["token_budget"],
+        max_batch_size=info["max_batch_size"],
+    )
+    return ModelList(data=[card])

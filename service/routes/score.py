@@ -1,0 +1,98 @@
+"""Scoring routes: the native `POST /v1/score` and OpenRLHF's `POST /get_reward`.
+
+Both encode in the handler (bad items get a 4xx before queueing), then wait on the shared batcher,
+so a sample's reward never depends on which route or which neighbours it came with.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from service.aggregation import aggregate
+from service.protocol import (
+    GetRewardRequest,
+    GetRewardResponse,
+    ScoreRequest,
+    ScoreResponse,
+    ScoreResult,
+    Usage,
+)
+from service.routes.common import SCORING_ERRORS, get_service
+from service.runtime import ScoringService
+
+router = APIRouter(tags=["scoring"])
+
+_STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max")
+
+
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    responses=SCORING_ERRORS,
+    summary="Score items with every head; the reward is the chosen aggregation (min by default).",
+)
+async def score(
+    body: ScoreRequest, request: Request, service: ScoringService = Depends(get_service)
+) -> ScoreResponse:
+    aggregation = service.resolve_aggregation(body.aggregation)
+    lam = body.uwo_lambda if body.uwo_lambda is not None else service.uwo_lambda
+    service.check_count(len(body.items), "items")
+    encoded = await service.encode([it.to_engine() for it in body.items], "items")
+    scores = await service.score(encoded, request)
+    results = [
+        ScoreResult(
+            reward=aggregate(s, aggregation, lam),
+            heads=list(s.rewards) if body.return_heads else None,
+            min=s.min,
+            max=s.max,
+            mean=s.mean,
+            std=s.std,
+            tokens=s.tokens,
+            truncated=s.truncated,
+        )
+        for s in scores
+    ]
+    rm = service.engine.rm
+    return ScoreResponse(
+        model=rm.name,
+        version=rm.version,
+        aggregation=aggregation,
+        uwo_lambda=lam if aggregation == "uwo" else None,
+        head_names=service.head_names,
+        results=results,
+        usage=Usage(
+            items=len(results),
+            tokens=sum(s.tokens for s in scores),
+            truncated=sum(s.truncated for s in scores),
+        ),
+    )
+
+
+@router.post(
+    "/get_reward",
+    response_model=GetRewardResponse,
+    responses=SCORING_ERRORS,
+    summary="OpenRLHF remote reward model: `--remote_rm_url http://host:port/get_reward`.",
+    description="Request `{query: [full prompt+response text, ...], prompts?, labels?}`; response "
+    "`{rewards, scores, extra_logs}` in input order, aggregated per the server setting (min by default). "
+    "`extra_logs` holds one number per query for each key, as OpenRLHF logs them per sample.",
+)
+async def get_reward(
+    body: GetRewardRequest, request: Request, service: ScoringService = Depends(get_service)
+) -> GetRewardResponse:
+    if not body.query:  # older OpenRLHF sends an empty query to idle replicas
+        return GetRewardResponse(rewards=[], scores=[], extra_logs={})
+    service.check_count(len(body.query), "query")
+    encoded = await service.encode([{"text": q} for q in body.query], "query")
+    scores = await service.score(encoded, request)
+    rewards = [aggregate(s, service.aggregation, service.uwo_lambda) for s in scores]
+    logs: dict[str, list[float]] = {
+        "reward_std": [s.std for s in scores],
+        "reward_min": [s.min for s in scores],
+        "reward_mean": [s.mean for s in scores],
+        "reward_max": [s.max for s in scores],
+    }
+    for k, name in enumerate(service.head_names):
+        key = name if name not in _STAT_KEYS else f"head_{name}"
+        logs[key] = [s.rewards[k] for s in scores]
+    return GetRewardResponse(rewards=rewards, scores=rewards, extra_logs=logs)

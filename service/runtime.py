@@ -1,0 +1,197 @@
+"""What the routes share: the engine, the batcher, the metrics and the request-level policy
+(aggregation defaults, limits, deadlines, client disconnects). One instance per app, built in the
+lifespan once the model is loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from starlette.requests import Request
+from starlette.types import Receive
+
+from model_store.manifest import validate_aggregation
+from service.batcher import Batcher
+from service.engine import EncodedItem, ItemError, ItemScore, ScoringEngine
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
+from service.metrics import ARRIVED_KEY, Metrics
+from service.settings import Settings
+
+log = logging.getLogger("hydra_rm.runtime")
+
+# Requests up to this many items are tokenized on the event loop (cheaper than a thread hop for
+# OpenRLHF's one-sample requests); bigger ones go to a thread so the loop keeps answering.
+INLINE_ENCODE_ITEMS = 8
+
+
+class ScoringService:
+    """The model-facing half of the app; the routes only translate between HTTP and this."""
+
+    def __init__(self, settings: Settings, engine: ScoringEngine, metrics: Metrics) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        manifest = engine.manifest
+        try:
+            self.aggregation = validate_aggregation(
+                settings.aggregation or manifest.default_aggregation, engine.num_heads
+            )
+        except ValueError as e:
+            raise ValueError(f"HYDRA_RM_AGGREGATION: {e}") from e
+        self.uwo_lambda = settings.uwo_lambda if settings.uwo_lambda is not None else manifest.uwo_lambda
+        self.head_names = engine.head_names
+        on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
+        self.max_padding = (
+            settings.max_padding if settings.max_padding is not None else (1.0 if on_gpu else 0.1)
+        )
+        self.batcher = Batcher(
+            engine.forward,
+            token_budget=engine.token_budget,
+            max_batch_size=engine.max_batch_size,
+            max_queue_items=settings.max_queue_items,
+            max_queue_tokens=settings.max_queue_tokens,
+            max_wait_s=settings.max_wait_ms / 1000.0,
+            max_padding=self.max_padding,
+            retry_after_s=settings.retry_after_s,
+            observer=metrics.observe_batch,
+            on_failure=lambda _: metrics.batch_failures.inc(),
+            more_coming=lambda: metrics.arriving > 0,
+        )
+        self.ready = False
+        self.draining = False
+        self._tokenizer_pool: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Warm up (first forward pays for lazy init), then start batching; only then ready."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.engine.warmup)
+        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-rm-tokenize")
+        self.batcher.start()
+        self.metrics.set_heads(self.head_names)
+        self.metrics.track_queue(lambda: self.batcher.queued_items, lambda: self.batcher.queued_tokens)
+        info = self.engine.describe()
+        self.metrics.model_info.labels(
+            name=str(info["name"]), version=str(info["version"]), num_heads=str(self.engine.num_heads)
+        ).set(1)
+        self.ready = True
+        self.metrics.ready.set(1)
+        log.info(
+            "ready: %s:%s, %d heads, aggregation=%s, token_budget=%d",
+            info["name"],
+            info["version"],
+            self.engine.num_heads,
+            self.aggregation,
+            self.engine.token_budget,
+        )
+
+    def begin_drain(self) -> None:
+        """SIGTERM: report not-ready and flush part-full batches at once (nobody else is coming).
+
+        Called from a signal handler, so it only sets a flag and schedules the rest on the loop:
+        taking a lock here (prometheus, asyncio) could deadlock against the interrupted code.
+        """
+        self.draining = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._drain_on_loop)
+
+    def _drain_on_loop(self) -> None:
+        self.metrics.ready.set(0)
+        self.batcher.flush_now()
+
+    async def stop(self) -> None:
+        self.draining = True
+        self.ready = False
+        self.metrics.ready.set(0)
+        await self.batcher.close(self.settings.drain_timeout_s)
+        if self._tokenizer_pool is not None:
+            self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- request policy --------------------------------------------------------------------------
+    def resolve_aggregation(self, requested: str | None) -> str:
+        if requested is None:
+            return self.aggregation
+        try:
+            return validate_aggregation(requested, self.engine.num_heads)
+        except ValueError as e:
+            raise InvalidInput(f"aggregation: {e}", field="aggregation") from e
+
+    def check_count(self, n: int, field: str) -> None:
+        limit = self.settings.max_items_per_request
+        if n > limit:
+            raise InvalidInput(f"{field}: {n} items, at most {limit} per request (split it)", field=field)
+
+    async def encode(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
+        """Tokenize before queueing, so bad or over-long items get a 4xx at once and the batcher
+        budgets by real token counts."""
+        if len(items) <= INLINE_ENCODE_ITEMS or self._tokenizer_pool is None:
+            return self._encode_all(items, field)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_pool, self._encode_all, items, field)
+
+    def _encode_all(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(self.engine.encode(item))
+            except ItemError as e:
+                sub = "" if e.field == "item" else f".{e.field}"
+                raise InvalidInput(f"{field}[{i}]{sub}: {e}", field=f"{field}[{i}]{sub}") from e
+        return out
+
+    async def score(self, encoded: Sequence[EncodedItem], request: Request) -> list[ItemScore]:
+        """Queue the items and wait for them, their deadline, or the client hanging up."""
+        if not encoded:
+            return []
+        arrived = request.scope.get(ARRIVED_KEY, time.monotonic())
+        try:
+            job = self.batcher.submit(encoded)
+        finally:
+            self.metrics.submitted(request.scope)
+        timeout = max(0.0, self.settings.request_timeout_s - (time.monotonic() - arrived))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+        try:
+            done, _ = await asyncio.wait(
+                {job.future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:  # server force-closing: free the queue slots
+            self.batcher.cancel(job)
+            raise
+        finally:
+            watcher.cancel()
+        if job.future.done() and not job.future.cancelled():
+            return job.future.result()  # raises ScoringFailed for a failed item
+        self.batcher.cancel(job)  # its queued items never reach the encoder
+        if watcher in done:
+            raise ClientDisconnected("client disconnected before its items were scored")
+        raise DeadlineExceeded(
+            f"not scored within request_timeout_s={self.settings.request_timeout_s:g}s "
+            f"({self.batcher.queued_items} items still queued); the server is overloaded"
+        )
+
+    def describe(self) -> dict[str, Any]:
+        info = self.engine.describe()
+        info.update(
+            default_aggregation=self.aggregation,
+            uwo_lambda=self.uwo_lambda,
+            token_budget=self.engine.token_budget,
+            max_batch_size=self.engine.max_batch_size,
+        )
+        return info
+
+
+async def _wait_for_disconnect(receive: Receive) -> None:
+    """After the body is read, the server's next receive() message is the client hanging up."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        if not message.get("more_body", False) and not message.get("body"):
+            # A server that answers receive() at once after the body cannot signal a hang-up;
+            # wait forever rather than spin.
+            await asyncio.Event().wait()

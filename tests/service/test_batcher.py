@@ -1,0 +1,219 @@
+"""The batcher on its own, with a fake engine: no HTTP, no model, fully deterministic."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batcher import Batcher
+from service.engine import EncodedItem, ItemScore
+from service.errors import Overloaded, PayloadTooLarge, ScoringFailed
+
+
+def item(n_tokens: int, tag: int = 0) -> EncodedItem:
+    return EncodedItem([tag] + [7] * (n_tokens - 1), None, False, n_tokens)
+
+
+class FakeEngine:
+    """Reward = first token id; raises on token id 666; NaN on 999; can be held at a gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []  # token counts per successful batch
+        self.seen: list[int] = []  # tags of items scored
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def forward(self, batch):
+        self.gate.wait(30)
+        tags = [e.input_ids[0] for e in batch]
+        if 666 in tags:
+            raise RuntimeError("poison")
+        self.batches.append([e.n_tokens for e in batch])
+        self.seen.extend(tags)
+        out = []
+        for e in batch:
+            r = float("nan") if e.input_ids[0] == 999 else float(e.input_ids[0])
+            out.append(ItemScore([r, r + 1], r, r + 1, r + 0.5, 0.5, e.n_tokens, e.truncated))
+        return out
+
+
+def make(engine: FakeEngine, **overrides) -> Batcher:
+    kwargs = dict(
+        token_budget=64, max_batch_size=4, max_queue_items=100, max_queue_tokens=10_000, max_wait_s=0.001
+    )
+    kwargs.update(overrides)
+    b = Batcher(engine.forward, **kwargs)
+    b.start()
+    return b
+
+
+async def test_results_come_back_in_order_and_batches_respect_the_budget():
+    engine = FakeEngine()
+    b = make(engine)
+    jobs = [b.submit([item(5 + (i * 7) % 30, tag=i) for i in range(j, j + 3)]) for j in range(0, 30, 3)]
+    results = await asyncio.gather(*(j.future for j in jobs))
+    for j, res in zip(range(0, 30, 3), results, strict=True):
+        assert [s.rewards[0] for s in res] == [float(i) for i in range(j, j + 3)]
+    for lengths in engine.batches:
+        assert len(lengths) <= 4
+        assert len(lengths) == 1 or max(lengths) * len(lengths) <= 64
+    assert b.queued_items == 0 and b.queued_tokens == 0
+    await b.close(1)
+
+
+async def test_items_of_different_requests_share_a_batch():
+    engine = FakeEngine()
+    b = make(engine, max_wait_s=0.05)
+    jobs = [b.submit([item(4, tag=i)]) for i in range(4)]  # all queued before the worker runs
+    await asyncio.gather(*(j.future for j in jobs))
+    assert engine.batches == [[4, 4, 4, 4]]
+    await b.close(1)
+
+
+async def test_full_queue_raises_overloaded_and_capacity_comes_back():
+    engine = FakeEngine()
+    engine.gate.clear()
+    b = make(engine, max_queue_items=3, max_queue_tokens=1000, retry_after_s=7)
+    first = b.submit([item(4, 1), item(4, 2)])
+    b.submit([item(4, 3)])
+    with pytest.raises(Overloaded) as info:
+        b.submit([item(4, 4)])
+    assert info.value.headers["Retry-After"] == "7"
+    with pytest.raises(PayloadTooLarge):  # can never fit: a client error, not a retry
+        b.submit([item(4)] * 4)
+    engine.gate.set()
+    await first.future
+    await asyncio.sleep(0.05)
+    assert b.queued_items == 0
+    b.submit([item(4, 5)])  # room again
+    await b.close(1)
+
+
+async def test_token_capacity_is_enforced_too():
+    engine = FakeEngine()
+    engine.gate.clear()
+    b = make(engine, max_queue_tokens=100)
+    b.submit([item(60)])
+    with pytest.raises(Overloaded):
+        b.submit([item(50)])
+    engine.gate.set()
+    await b.close(1)
+
+
+async def test_cancelled_requests_never_reach_the_engine():
+    engine = FakeEngine()
+    engine.gate.clear()
+    b = make(engine, max_wait_s=0.0)
+    held = b.submit([item(4, 1)])
+    await asyncio.sleep(0.05)  # the worker is now inside forward, holding item 1
+    dropped = b.submit([item(4, 2), item(8, 3)])
+    kept = b.submit([item(4, 4)])
+    b.cancel(dropped)
+    assert b.queued_items == 2
+    engine.gate.set()
+    await held.future
+    assert [s.rewards[0] for s in await kept.future] == [4.0]
+    assert sorted(engine.seen) == [1, 4]  # items 2 and 3 were dropped before any forward
+    assert b.queued_items == 0 and b.queued_tokens == 0
+    await b.close(1)
+
+
+async def test_a_poison_item_fails_only_its_request_after_log_n_splits():
+    engine = FakeEngine()
+    failures: list[Exception] = []
+    b = Batcher(
+        engine.forward,
+        token_budget=1000,
+        max_batch_size=16,
+        max_queue_items=100,
+        max_queue_tokens=10_000,
+        max_wait_s=0.05,
+        on_failure=failures.append,
+    )
+    b.start()
+    good = [b.submit([item(4, i)]) for i in range(1, 8)]
+    bad = b.submit([item(4, 666), item(4, 100)])
+    more = [b.submit([item(4, i)]) for i in range(8, 16)]
+    with pytest.raises(ScoringFailed, match="poison"):
+        await bad.future
+    assert [(await j.future)[0].rewards[0] for j in good] == [float(i) for i in range(1, 8)]
+    assert [(await j.future)[0].rewards[0] for j in more] == [float(i) for i in range(8, 16)]
+    assert 1 <= len(failures) <= 5  # 16 -> 8 -> 4 -> 2 -> 1
+    assert b.queued_items == 0
+    await b.close(1)
+
+
+async def test_non_finite_reward_fails_that_request_only():
+    engine = FakeEngine()
+    b = make(engine, max_wait_s=0.05)
+    nan_job = b.submit([item(4, 999)])
+    ok_job = b.submit([item(4, 5)])
+    with pytest.raises(ScoringFailed, match="non-finite"):
+        await nan_job.future
+    assert (await ok_job.future)[0].rewards[0] == 5.0
+    await b.close(1)
+
+
+async def test_close_finishes_queued_work_then_refuses_new_work():
+    engine = FakeEngine()
+    b = make(engine, max_wait_s=30.0)  # only the drain's flush releases these
+    jobs = [b.submit([item(4, i)]) for i in range(3)]
+    await b.close(5)
+    assert all(j.future.done() and not j.future.cancelled() for j in jobs)
+    assert [(j.future.result())[0].rewards[0] for j in jobs] == [0.0, 1.0, 2.0]
+    with pytest.raises(Overloaded, match="shutting down"):
+        b.submit([item(4)])
+
+
+async def test_empty_request_resolves_at_once():
+    b = make(FakeEngine())
+    job = b.submit([])
+    assert job.future.done() and job.future.result() == []
+    await b.close(1)
+
+
+@pytest.mark.parametrize("max_padding", [0.0, 0.1, 0.5, float("inf")])
+def test_split_by_padding_caps_the_waste_and_keeps_every_item(max_padding):
+    import random
+
+    from service.batcher import split_by_padding
+
+    rng = random.Random(3)
+    lengths = [rng.randint(1, 500) for _ in range(64)]
+    batch = list(range(0, 64, 2))
+    parts = split_by_padding(batch, lengths, max_padding)
+    assert sorted(i for p in parts for i in p) == batch
+    for p in parts:
+        real = sum(lengths[i] for i in p)
+        assert len(p) == 1 or max(lengths[i] for i in p) * len(p) <= (1 + max_padding) * real
+    if max_padding == float("inf"):
+        assert len(parts) == 1
+    if max_padding == 0.0:
+        assert all(len({lengths[i] for i in p}) == 1 for p in parts)
+
+
+async def test_batches_of_very_different_lengths_are_not_padded_together():
+    engine = FakeEngine()
+    b = make(engine, token_budget=10_000, max_batch_size=64, max_wait_s=0.05, max_padding=0.1)
+    jobs = [b.submit([item(n, tag=n)]) for n in (10, 11, 300, 310, 12)]
+    await asyncio.gather(*(j.future for j in jobs))
+    assert sorted(engine.batches) == [[10, 11, 12], [300, 310]]
+    await b.close(1)
+
+
+async def test_a_bug_in_batch_planning_fails_that_window_only(monkeypatch):
+    import service.batcher as batcher_module
+
+    engine = FakeEngine()
+    b = make(engine)
+    real_split = batcher_module.split_by_padding
+    monkeypatch.setattr(batcher_module, "split_by_padding", lambda *a: 1 / 0)
+    broken = b.submit([item(4, 1)])
+    with pytest.raises(ScoringFailed, match="internal error"):
+        await broken.future
+    monkeypatch.setattr(batcher_module, "split_by_padding", real_split)
+    fine = b.submit([item(4, 2)])
+    assert (await fine.future)[0].rewards[0] == 2.0  # the worker survived
+    await b.close(1)
