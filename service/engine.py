@@ -112,7 +112,7 @@ class ScoringEngine:
         self,
         rm: RewardModel,
         *,
-        token_budget: int = 4096,
+        token_budget: int = 2048,
         max_batch_size: int = 64,
         padding_side: Literal["right", "left"] = "right",
         max_length: int | None = None,

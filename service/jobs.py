@@ -290,7 +290,7 @@ class ScoreJob:
             line=lineno,
             reward=aggregate(s, self.aggregation, self.uwo_lambda),
             aggregation=self.aggregation,
-            rewards=dict(zip(self.engine.head_names, s.rewards, strict=True)),
+            heads=dict(zip(self.engine.head_names, s.rewards, strict=True)),  # same key as /v1/score
             min=s.min,
             max=s.max,
             mean=s.mean,

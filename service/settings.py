@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     token_budget: int | None = Field(
         default=None,
         ge=64,
-        description="Max padded tokens per encoder batch. Default 4096 on CPU (measured: larger loses), "
+        description="Max padded tokens per encoder batch. Default 2048 on CPU (bench/results/engine-cpu.md: 1-2k best, 16k loses 12%), "
         "65536 on CUDA.",
     )
     max_batch_size: int = Field(default=64, ge=1, description="Max items per encoder batch.")
@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     def resolved_token_budget(self) -> int:
         if self.token_budget is not None:
             return self.token_budget
-        return 65536 if self.resolved_device().startswith("cuda") else 4096
+        return 65536 if self.resolved_device().startswith("cuda") else 2048
 
 
 def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.ScoringEngine

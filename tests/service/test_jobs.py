@@ -59,7 +59,7 @@ def test_ten_thousand_lines_in_order_with_errors_file(tiny_engine: ScoringEngine
     for r in random.Random(1).sample(rows, 20):
         src_obj = json.loads(inputs[r["line"] - 1])
         alone = tiny_engine.score([Item(prompt=src_obj["prompt"], response=src_obj["response"])])[0]
-        assert list(r["rewards"].values()) == pytest.approx(alone.rewards, abs=1e-5)
+        assert list(r["heads"].values()) == pytest.approx(alone.rewards, abs=1e-5)
         assert r["reward"] == pytest.approx(min(alone.rewards), abs=1e-5)
         assert set(r) >= {"min", "max", "mean", "std", "tokens", "truncated", "aggregation"}
 
@@ -174,7 +174,7 @@ def test_cli_score_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rows = _lines(out)
     assert [r.get("id") for r in rows] == [1, None]
-    assert all(r["reward"] == list(r["rewards"].values())[1] for r in rows)
+    assert all(r["reward"] == list(r["heads"].values())[1] for r in rows)
     assert _lines(tmp_path / "out.errors.jsonl")[0]["line"] == 3
     bad = CliRunner().invoke(app, ["score", "-i", str(src), "-o", str(tmp_path / "x.jsonl"), "--model",
                                    str(tiny_llama_dir), "--aggregation", "head:9", "--store", str(tmp_path / "s")])  # fmt: skip
