@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
-from service.auth import api_key_dependency
+from service.auth import ApiKeyMiddleware, api_key_dependency
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.middleware import BodyLimitMiddleware
@@ -60,6 +60,9 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     app.include_router(score.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.api_keys:  # outside the body limit: unauthenticated bodies are never read
+        protected = frozenset(r.path for router in (score.router, models.router) for r in router.routes)
+        app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=protected)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every status
     generic_openapi = app.openapi
 

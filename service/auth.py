@@ -3,24 +3,59 @@ the match position nor a shared prefix leaks through timing."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import Unauthorized
+from service.errors import Unauthorized, error_response
+from service.metrics import ERROR_TYPE_KEY
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from HYDRA_RM_API_KEYS.")
 
 
+def _digest(value: str) -> bytes:
+    # Comparing fixed-length digests: compare_digest on raw keys of different lengths leaks the length.
+    return hashlib.sha256(value.encode("utf-8")).digest()
+
+
 def key_matches(candidate: str, keys: Sequence[SecretStr]) -> bool:
-    given = candidate.encode("utf-8")
+    given = _digest(candidate)
     ok = False
     for key in keys:  # no early exit: the time taken does not depend on which key matched
-        ok |= hmac.compare_digest(given, key.get_secret_value().encode("utf-8"))
+        ok |= hmac.compare_digest(given, _digest(key.get_secret_value()))
     return ok
+
+
+class ApiKeyMiddleware:
+    """Checks the key before the body is read: an unauthenticated client must not make the server
+    buffer and parse up to max_body_bytes (FastAPI reads the body before running dependencies)."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[SecretStr], protected: frozenset[str]) -> None:
+        self.app = app
+        self.keys = tuple(keys)
+        self.protected = protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") not in self.protected:
+            await self.app(scope, receive, send)
+            return
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+        scheme, _, token = (header or b"").decode("latin-1").partition(" ")
+        if header is None or scheme.lower() != "bearer":
+            message = "missing API key: send `Authorization: Bearer <key>`"
+        elif not key_matches(token.strip(), self.keys):
+            message = "invalid API key"
+        else:
+            await self.app(scope, receive, send)
+            return
+        scope[ERROR_TYPE_KEY] = "unauthorized"
+        response = error_response(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 def api_key_dependency(

@@ -135,6 +135,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._flush_now = False
+        self._window: list[_Slot] = []  # taken from the queue, not yet all scored
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -161,9 +162,10 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for slot in self._pending:  # only left if the drain timed out
+        for slot in [*self._window, *self._pending]:  # only left if the drain timed out
             self._fail(slot.job, Overloaded("server shut down before scoring", self.retry_after_s))
         self._pending.clear()
+        self._window = []
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -229,7 +231,7 @@ class Batcher:
             if not self._pending:
                 continue
             await self._gather()
-            window = self._take_window()
+            window = self._window = self._take_window()
             try:
                 await self._run_window(window)
             except Exception:  # a bug here must cost one window's requests, not the whole server
@@ -238,6 +240,7 @@ class Batcher:
                     self._fail(
                         slot.job, ScoringFailed("internal error while batching (logged on the server)")
                     )
+            self._window = []
             if self._pending:
                 self._wake.set()
 
@@ -322,8 +325,12 @@ class Batcher:
             await self._run_batch([s for s in live[half:] if not s.job.done])
             return
         if live:
-            log.error("item failed alone: %s: %s", type(error).__name__, error)
-            self._fail(live[0].job, ScoringFailed(f"scoring failed: {type(error).__name__}: {_short(error)}"))
+            log.error("item failed alone: %s", type(error).__name__, exc_info=error)
+            # The engine's own text can carry paths or device details: the log has it, the caller a summary.
+            self._fail(
+                live[0].job,
+                ScoringFailed(f"scoring failed ({type(error).__name__}); details in the server log"),
+            )
 
     def _complete(self, slot: _Slot, score: ItemScore) -> None:
         job = slot.job

@@ -136,7 +136,7 @@ class GetRewardRequest(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
 
     query: list[Text] = Field(description="Full prompt+response texts, scored as raw text.")
-    prompts: list[str | None] | None = Field(default=None, description="Accepted and ignored.")
+    prompts: list[Any] | None = Field(default=None, description="Accepted and ignored.")
     labels: list[Any] | None = Field(default=None, description="Accepted and ignored (often null).")
 
 

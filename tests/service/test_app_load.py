@@ -168,7 +168,9 @@ def test_a_failing_batch_fails_only_the_poison_request(controlled, tiny_engine):
             bad = responses.pop(7)
             assert bad.status_code == 500
             assert bad.json()["error"]["type"] == "scoring_failed"
-            assert "poisoned item" in bad.json()["error"]["message"]
+            message = bad.json()["error"]["message"]
+            assert "RuntimeError" in message and "server log" in message
+            assert "poisoned item" not in message  # engine internals stay in the log
             assert "Traceback" not in bad.text
             expected = tiny_engine.score([Item(text=t) for t in texts])
             for r, exp in zip(responses, expected, strict=True):

@@ -74,3 +74,27 @@ def test_api_keys_come_from_a_comma_separated_variable(monkeypatch):
     monkeypatch.setenv("HYDRA_RM_API_KEYS", "")
     assert Settings().api_keys == []
     assert "k1" not in repr(Settings(api_keys=["k1"]))
+
+
+def test_unauthenticated_body_is_never_parsed(tiny_engine) -> None:
+    """401 comes before the body is read: a malformed body without a key is still a 401, not a 422."""
+    import httpx
+
+    from service.settings import Settings
+    from tests.service.conftest import live_server
+
+    with live_server(Settings(api_keys="k1"), tiny_engine) as live:
+        r = httpx.post(
+            f"{live.url}/v1/score", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        r = httpx.post(
+            f"{live.url}/get_reward", json={"query": ["x"]}, headers={"Authorization": "Bearer k2"}
+        )
+        assert r.status_code == 401 and r.json()["error"]["message"] == "invalid API key"
+        r = httpx.post(
+            f"{live.url}/get_reward", json={"query": ["x"]}, headers={"Authorization": "Bearer k1"}
+        )
+        assert r.status_code == 200 and len(r.json()["rewards"]) == 1
+        assert live.metric("hydra_rm_rejected_requests_total", {"reason": "unauthorized"}) == 2

@@ -136,7 +136,7 @@ async def test_a_poison_item_fails_only_its_request_after_log_n_splits():
     good = [b.submit([item(4, i)]) for i in range(1, 8)]
     bad = b.submit([item(4, 666), item(4, 100)])
     more = [b.submit([item(4, i)]) for i in range(8, 16)]
-    with pytest.raises(ScoringFailed, match="poison"):
+    with pytest.raises(ScoringFailed, match=r"scoring failed \(RuntimeError\)"):
         await bad.future
     assert [(await j.future)[0].rewards[0] for j in good] == [float(i) for i in range(1, 8)]
     assert [(await j.future)[0].rewards[0] for j in more] == [float(i) for i in range(8, 16)]
@@ -217,3 +217,18 @@ async def test_a_bug_in_batch_planning_fails_that_window_only(monkeypatch):
     fine = b.submit([item(4, 2)])
     assert (await fine.future)[0].rewards[0] == 2.0  # the worker survived
     await b.close(1)
+
+
+async def test_close_fails_the_window_in_flight_instead_of_hanging():
+    """A drain that times out mid-batch answers those requests (503) and releases their capacity."""
+    engine = FakeEngine()
+    engine.gate.clear()  # the forward holds
+    b = make(engine)
+    job = b.submit([item(5, tag=1), item(6, tag=2)])
+    await asyncio.sleep(0.05)  # the worker took the window and is inside the forward
+    assert b.queued_items == 2
+    await b.close(0.1)
+    engine.gate.set()
+    with pytest.raises(Overloaded, match="shut down"):
+        await asyncio.wait_for(job.future, 5)
+    assert (b.queued_items, b.queued_tokens) == (0, 0)

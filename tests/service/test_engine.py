@@ -252,3 +252,21 @@ def test_untokenizable_text_is_an_item_error(tiny_engine: ScoringEngine) -> None
     with pytest.raises(ItemError) as ei:
         tiny_engine.encode(Item(text="lone surrogate \ud800 here"))
     assert ei.value.field == "text"
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_precut_of_huge_strings_keeps_the_same_tokens(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch, side
+) -> None:
+    """Huge strings are cut by characters before tokenizing; the surviving tokens must not change."""
+    import service.engine as eng
+
+    engine = _engine(tiny_llama_dir, tmp_path, max_length=32, truncation_side=side)
+    rng = random.Random(5)
+    big = " ".join(rng.choice(WORDS) for _ in range(3000))  # ~15k chars >> 32 * 64
+    items = [Item(text=big), Item(prompt=big, response="short answer"), Item(prompt="q", response=big)]
+    cut = [engine.encode(it) for it in items]
+    monkeypatch.setattr(eng, "PRECUT_CHARS_PER_TOKEN", 10**9)  # no pre-cut: tokenize everything
+    full = [engine.encode(it) for it in items]
+    for a, b in zip(cut, full, strict=True):
+        assert a.input_ids == b.input_ids and a.truncated and b.truncated
