@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.batching import plan_batches
+from service.batching import plan_batches, split_by_padding
 from service.engine import EncodedItem, ItemScore
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed, ServiceError
 
@@ -31,30 +31,6 @@ log = logging.getLogger("hydra_rm.batcher")
 
 ForwardFn = Callable[[Sequence[EncodedItem]], list[ItemScore]]
 BatchObserver = Callable[[Sequence[EncodedItem], Sequence[ItemScore], float], None]
-
-
-def split_by_padding(batch: Sequence[int], lengths: Sequence[int], max_padding: float) -> list[list[int]]:
-    """Cut a length-sorted batch wherever padding would pass `max_padding` of the real tokens.
-
-    plan_batches caps padded tokens per batch; this also caps the waste. On CPU compute is linear
-    in padded tokens and batching buys little (hidden 256: a window of 8 random single items padded
-    together runs at 45 items/s, capped at 10% padding at 71, one at a time 74), so the CPU default
-    is tight; on GPU padding is nearly free until the batch is compute-bound.
-    """
-    out: list[list[int]] = []
-    current: list[int] = []
-    real = longest = 0
-    for i in sorted(batch, key=lambda i: lengths[i]):
-        n = max(lengths[i], 1)
-        if current and max(longest, n) * (len(current) + 1) > (1.0 + max_padding) * (real + n):
-            out.append(current)
-            current, real, longest = [], 0, 0
-        current.append(i)
-        real += n
-        longest = max(longest, n)
-    if current:
-        out.append(current)
-    return out
 
 
 # How many batches' worth of tokens one planning window takes from the queue. Bigger windows sort
@@ -143,6 +119,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-rm-forward")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hydra-rm-batcher")
 
+    @property
+    def alive(self) -> bool:
+        """The worker task is running (it only ends on close or an escaped bug)."""
+        return self._task is not None and not self._task.done()
+
     def flush_now(self) -> None:
         """Stop waiting for part-full batches (drain on SIGTERM: nobody else is coming)."""
         self._flush_now = True
@@ -170,7 +151,7 @@ class Batcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- requests --------------------------------------------------------------------------------
-    def submit(self, items: Sequence[EncodedItem]) -> Job:
+    def submit(self, items: Sequence[EncodedItem], field: str = "items") -> Job:
         """Queue a request's items, or raise Overloaded (503) when accepting them would overflow."""
         assert self._wake is not None, "Batcher.start() was not called"
         loop = asyncio.get_running_loop()
@@ -184,7 +165,7 @@ class Batcher:
             raise PayloadTooLarge(  # permanent: retrying the same request cannot help
                 f"request of {len(items)} items / {job.tokens} tokens exceeds the whole queue "
                 f"({self.max_queue_items} items / {self.max_queue_tokens} tokens); split it",
-                field="items",
+                field=field,
             )
         if (
             self.queued_items + len(items) > self.max_queue_items

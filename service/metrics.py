@@ -197,7 +197,7 @@ class RequestMetricsMiddleware:
             return
         start = time.perf_counter()
         scope[ARRIVED_KEY] = time.monotonic()  # the request deadline counts from here
-        status = 500
+        status = 0  # no response started: set below from what happened
         raw_path = scope.get("path", "")
 
         async def send_status(message: Message) -> None:
@@ -216,8 +216,12 @@ class RequestMetricsMiddleware:
         finally:
             gauge.dec()
             self.metrics.submitted(scope)  # a request that failed before queueing stops "arriving"
+            if status == 0:  # the client left before any answer, or an exception escaped to Starlette
+                disconnected = scope.get(ERROR_TYPE_KEY) == "client_disconnected"
+                status = 499 if disconnected else 500
+                scope.setdefault(ERROR_TYPE_KEY, "internal_error")
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or (raw_path if raw_path in _KNOWN else "unmatched")
+            endpoint = getattr(route, "path", None) or (raw_path if raw_path in _KNOWN else "other")
             labels = {"endpoint": endpoint, "status": str(status)}
             self.metrics.requests.labels(**labels).inc()
             self.metrics.latency.labels(**labels).observe(time.perf_counter() - start)

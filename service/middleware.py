@@ -33,6 +33,7 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                scope[ERROR_TYPE_KEY] = "client_disconnected"  # counted as 499, not as a server error
                 return  # client left before sending its body: nothing to answer
             chunk = message.get("body", b"")
             size += len(chunk)

@@ -178,7 +178,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "draining", "loading"]
+    status: Literal["ready", "draining", "loading", "broken"]
     model: str | None = None
 
 

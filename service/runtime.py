@@ -147,13 +147,15 @@ class ScoringService:
                 raise InvalidInput(f"{field}[{i}]{sub}: {e}", field=f"{field}[{i}]{sub}") from e
         return out
 
-    async def score(self, encoded: Sequence[EncodedItem], request: Request) -> list[ItemScore]:
+    async def score(
+        self, encoded: Sequence[EncodedItem], request: Request, field: str = "items"
+    ) -> list[ItemScore]:
         """Queue the items and wait for them, their deadline, or the client hanging up."""
         if not encoded:
             return []
         arrived = request.scope.get(ARRIVED_KEY, time.monotonic())
         try:
-            job = self.batcher.submit(encoded)
+            job = self.batcher.submit(encoded, field)
         finally:
             self.metrics.submitted(request.scope)
         timeout = max(0.0, self.settings.request_timeout_s - (time.monotonic() - arrived))

@@ -20,7 +20,12 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Readiness,
     summary="Readiness: model loaded and warmed up, not draining.",
-    responses={503: {"model": Readiness, "description": "Loading or draining (after SIGTERM)."}},
+    responses={
+        503: {
+            "model": Readiness,
+            "description": "Loading, draining (after SIGTERM), or the batch worker died.",
+        }
+    },
 )
 async def readyz(request: Request) -> Readiness | JSONResponse:
     service = getattr(request.app.state, "service", None)
@@ -29,6 +34,8 @@ async def readyz(request: Request) -> Readiness | JSONResponse:
     name = f"{service.engine.rm.name}:{service.engine.rm.version}"
     if service.draining:
         return JSONResponse(Readiness(status="draining", model=name).model_dump(), status_code=503)
+    if not service.batcher.alive:  # no worker: every request would time out, so take us out of rotation
+        return JSONResponse(Readiness(status="broken", model=name).model_dump(), status_code=503)
     return Readiness(status="ready", model=name)
 
 

@@ -84,7 +84,7 @@ async def get_reward(
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
     service.check_count(len(body.query), "query")
     encoded = await service.encode([{"text": q} for q in body.query], "query")
-    scores = await service.score(encoded, request)
+    scores = await service.score(encoded, request, "query")
     rewards = [aggregate(s, service.aggregation, service.uwo_lambda) for s in scores]
     logs: dict[str, list[float]] = {
         "reward_std": [s.std for s in scores],

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
 from service.engine import Item
 from service.settings import Settings
-from tests.service.conftest import live_server
+from tests.service.conftest import live_server, wait_until
 
 PROMPT = "What is the capital of France?"
 
@@ -235,3 +236,38 @@ def test_metrics_are_hidden_from_openapi_and_errors_are_documented(live):
     responses = spec["paths"]["/v1/score"]["post"]["responses"]
     assert {"200", "413", "422", "500", "503", "504"} <= set(responses)
     assert "securitySchemes" not in spec.get("components", {})  # auth off: nothing to declare
+
+
+def test_readyz_reports_a_dead_batch_worker(tiny_engine) -> None:
+    """Without its worker every request would time out: the probe must take the server out of rotation."""
+    with live_server(Settings(), tiny_engine) as live:
+        assert httpx.get(f"{live.url}/readyz").status_code == 200
+        service = live.service
+        service._loop.call_soon_threadsafe(service.batcher._task.cancel)
+        wait_until(lambda: not service.batcher.alive, what="worker cancelled")
+        r = httpx.get(f"{live.url}/readyz")
+        assert r.status_code == 503 and r.json()["status"] == "broken"
+        assert httpx.get(f"{live.url}/healthz").status_code == 200  # alive, just not ready
+
+
+def test_request_larger_than_the_queue_names_its_own_field(tiny_engine) -> None:
+    with live_server(Settings(max_queue_items=2), tiny_engine) as live:
+        r = httpx.post(f"{live.url}/get_reward", json={"query": ["a", "b", "c"]})
+        assert r.status_code == 413 and r.json()["error"]["field"] == "query"
+        r = httpx.post(f"{live.url}/v1/score", json={"items": [{"text": t} for t in "abc"]})
+        assert r.status_code == 413 and r.json()["error"]["field"] == "items"
+
+
+def test_client_leaving_mid_upload_is_a_499_not_a_server_error(tiny_engine) -> None:
+    import socket
+
+    with live_server(Settings(), tiny_engine) as live:
+        host, port = live.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"items": ['
+            )
+        wait_until(lambda: live.metric("hydra_rm_requests_total", {"status": "499"}) == 1, what="499 counted")
+        assert live.metric("hydra_rm_requests_total", {"status": "500"}) == 0
+        assert live.metric("hydra_rm_rejected_requests_total", {"reason": "client_disconnected"}) == 1

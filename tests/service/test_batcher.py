@@ -178,7 +178,7 @@ async def test_empty_request_resolves_at_once():
 def test_split_by_padding_caps_the_waste_and_keeps_every_item(max_padding):
     import random
 
-    from service.batcher import split_by_padding
+    from service.batching import split_by_padding
 
     rng = random.Random(3)
     lengths = [rng.randint(1, 500) for _ in range(64)]
