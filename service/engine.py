@@ -76,6 +76,17 @@ class ItemScore:
     tokens: int
     truncated: bool
 
+    def summary(self) -> dict[str, Any]:
+        """The per-item fields every output format (HTTP, JSONL) reports beside the heads."""
+        return {
+            "min": self.min,
+            "max": self.max,
+            "mean": self.mean,
+            "std": self.std,
+            "tokens": self.tokens,
+            "truncated": self.truncated,
+        }
+
 
 @dataclass(frozen=True)
 class _Head:

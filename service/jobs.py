@@ -291,12 +291,7 @@ class ScoreJob:
             reward=aggregate(s, self.aggregation, self.uwo_lambda),
             aggregation=self.aggregation,
             heads=dict(zip(self.engine.head_names, s.rewards, strict=True)),  # same key as /v1/score
-            min=s.min,
-            max=s.max,
-            mean=s.mean,
-            std=s.std,
-            tokens=s.tokens,
-            truncated=s.truncated,
+            **s.summary(),
         )
         return rec
 

@@ -43,12 +43,7 @@ async def score(
         ScoreResult(
             reward=aggregate(s, aggregation, lam),
             heads=list(s.rewards) if body.return_heads else None,
-            min=s.min,
-            max=s.max,
-            mean=s.mean,
-            std=s.std,
-            tokens=s.tokens,
-            truncated=s.truncated,
+            **s.summary(),
         )
         for s in scores
     ]
