@@ -17,7 +17,7 @@ from starlette.types import Receive
 from model_store.manifest import validate_aggregation
 from service.batcher import Batcher
 from service.engine import EncodedItem, ItemError, ItemScore, ScoringEngine
-from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
 from service.metrics import ARRIVED_KEY, Metrics
 from service.settings import Settings
 
@@ -131,6 +131,9 @@ class ScoringService:
     async def encode(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
         """Tokenize before queueing, so bad or over-long items get a 4xx at once and the batcher
         budgets by real token counts."""
+        b = self.batcher
+        if len(items) <= b.max_queue_items < b.queued_items + len(items):  # full: skip the tokenizing
+            raise Overloaded(f"queue full ({b.queued_items} items waiting); retry later", b.retry_after_s)
         small = len(items) <= INLINE_ENCODE_ITEMS and sum(map(_item_chars, items)) <= INLINE_ENCODE_CHARS
         if small or self._tokenizer_pool is None:
             return self._encode_all(items, field)

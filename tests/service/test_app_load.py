@@ -79,6 +79,9 @@ def test_full_queue_gives_503_with_retry_after_and_loses_nothing(controlled, tin
     texts = mixed_texts(13, seed=1)
     settings = Settings(max_queue_items=4, retry_after_s=2)
     with live_server(settings, controlled) as live:
+        encoded: list[int] = []
+        inner_encode = tiny_engine.encode
+        controlled.encode = lambda item: encoded.append(1) or inner_encode(item)
         controlled.gate.clear()
         controlled.entered.clear()
         first_thread, first = in_background(
@@ -92,6 +95,7 @@ def test_full_queue_gives_503_with_retry_after_and_loses_nothing(controlled, tin
             what="9 rejections",
         )
         assert live.service.batcher.queued_items == 4
+        assert len(encoded) == 4  # a full queue answers 503 before spending CPU on tokenizing
         controlled.gate.set()
         thread.join(60)
         first_thread.join(60)
