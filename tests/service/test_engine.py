@@ -270,3 +270,40 @@ def test_precut_of_huge_strings_keeps_the_same_tokens(
     full = [engine.encode(it) for it in items]
     for a, b in zip(cut, full, strict=True):
         assert a.input_ids == b.input_ids and a.truncated and b.truncated
+
+
+@pytest.mark.parametrize("arch", ["roberta", "deberta-v2"])
+def test_other_encoder_heads_match_hf_logits(arch: str, tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The README lists RoBERTa-style (dense+tanh+out_proj) and DeBERTa-v2 (ContextPooler) heads."""
+    from transformers import (
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, num_labels=3, pad_token_id=tok.pad_token_id,
+                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    torch.manual_seed(0)
+    if arch == "roberta":
+        model = RobertaForSequenceClassification(RobertaConfig(max_position_embeddings=300, **common))
+    else:
+        model = DebertaV2ForSequenceClassification(DebertaV2Config(max_position_embeddings=256, **common))
+    dest = tmp_path / arch
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    engine = _engine(dest, tmp_path, token_budget=100_000)  # passes the load-time self-check
+    assert engine.head.kind == ("cls_head" if arch == "roberta" else "pooler")
+    items = [Item(prompt=p, response=r) for p, r in zip(_texts(8, 12), _texts(8, 13), strict=True)]
+    encoded = [engine.encode(it) for it in items]
+    got = torch.tensor([s.rewards for s in engine.forward(encoded)])
+    torch.testing.assert_close(got, _hf_logits_alone(dest, encoded), atol=1e-5, rtol=1e-5)
+
+
+def test_hub_id_without_network_is_a_clear_error(tmp_path: Path) -> None:
+    from model_store import ModelNotFound
+
+    with pytest.raises(ModelNotFound, match="could not fetch 'some-org/some-rm'"):
+        load_reward_model("some-org/some-rm", ModelStore(tmp_path / "s"))
