@@ -65,6 +65,7 @@ class ScoringService:
         )
         self.ready = False
         self.draining = False
+        self._drain_started: float | None = None
         self._tokenizer_pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -99,6 +100,7 @@ class ScoringService:
         taking a lock here (prometheus, asyncio) could deadlock against the interrupted code.
         """
         self.draining = True
+        self._drain_started = time.monotonic()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._drain_on_loop)
 
@@ -110,7 +112,10 @@ class ScoringService:
         self.draining = True
         self.ready = False
         self.metrics.ready.set(0)
-        await self.batcher.close(self.settings.drain_timeout_s)
+        # One drain budget in all: uvicorn already spent part of it waiting for in-flight requests,
+        # and orchestrators kill at their grace period (Kubernetes: 30 s), not at twice ours.
+        spent = time.monotonic() - self._drain_started if self._drain_started is not None else 0.0
+        await self.batcher.close(max(1.0, self.settings.drain_timeout_s - spent))
         if self._tokenizer_pool is not None:
             self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
