@@ -28,6 +28,9 @@ log = logging.getLogger("hydra_rm.runtime")
 INLINE_ENCODE_ITEMS = 8
 # Tokenizing is ~1 us/char here: a 14 MB query blocked the loop 9 s when this went by item count.
 INLINE_ENCODE_CHARS = 32_000
+# Large requests waiting for (or in) the tokenizer thread before new ones get 503: bounds the CPU and
+# memory spent on requests the queue would likely refuse anyway.
+TOKENIZER_BACKLOG = 64
 
 
 class ScoringService:
@@ -66,6 +69,7 @@ class ScoringService:
         self.ready = False
         self.draining = False
         self._drain_started: float | None = None
+        self._tokenizing = 0  # large requests handed to the tokenizer thread and not back yet
         self._tokenizer_pool: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -142,8 +146,16 @@ class ScoringService:
         small = len(items) <= INLINE_ENCODE_ITEMS and sum(map(_item_chars, items)) <= INLINE_ENCODE_CHARS
         if small or self._tokenizer_pool is None:
             return self._encode_all(items, field)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizer_pool, self._encode_all, items, field)
+        if self._tokenizing >= TOKENIZER_BACKLOG:  # the one tokenizer thread is already that far behind
+            raise Overloaded(
+                f"{self._tokenizing} large requests waiting to be tokenized; retry later", b.retry_after_s
+            )
+        self._tokenizing += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._tokenizer_pool, self._encode_all, items, field)
+        finally:
+            self._tokenizing -= 1
 
     def _encode_all(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
         out = []

@@ -186,3 +186,32 @@ def test_a_failing_batch_fails_only_the_poison_request(controlled, tiny_engine):
             assert c.get("/readyz").status_code == 200
             assert c.post("/get_reward", json={"query": ["still serving"]}).status_code == 200
         assert live.metric("hydra_rm_batch_failures_total") >= 2
+
+
+def test_tokenizer_backlog_is_bounded(tiny_engine, monkeypatch):
+    """Large requests queue for the one tokenizer thread; past the backlog they get 503, not a wait."""
+    import threading
+
+    import service.runtime as runtime
+
+    monkeypatch.setattr(runtime, "TOKENIZER_BACKLOG", 1)
+    release = threading.Event()
+    inner_encode = tiny_engine.encode
+
+    class SlowTokenizer:  # a real engine whose tokenizing is held, to fill the backlog deterministically
+        def __getattr__(self, name):
+            return getattr(tiny_engine, name)
+
+        def encode(self, item):
+            release.wait(30)
+            return inner_encode(item)
+
+    big = {"query": [f"text {i}" for i in range(20)]}  # > 8 items: tokenized off the loop
+    with live_server(Settings(), SlowTokenizer()) as live:
+        first_thread, first = in_background(post_concurrently, live.url, [("/get_reward", big)])
+        wait_until(lambda: live.service._tokenizing == 1, what="first request in the tokenizer")
+        second = live.client().post("/get_reward", json=big)
+        assert second.status_code == 503 and second.headers["Retry-After"]
+        release.set()
+        first_thread.join(60)
+    assert first["result"][0].status_code == 200 and len(first["result"][0].json()["rewards"]) == 20
