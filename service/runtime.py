@@ -132,6 +132,11 @@ class ScoringService:
         except ValueError as e:
             raise InvalidInput(f"aggregation: {e}", field="aggregation") from e
 
+    async def score_items(self, items: Sequence[Any], field: str, request: Request) -> list[ItemScore]:
+        """What every scoring route does: count limit, tokenize, queue; errors name `field`."""
+        self.check_count(len(items), field)
+        return await self.score(await self.encode(items, field), request, field)
+
     def check_count(self, n: int, field: str) -> None:
         limit = self.settings.max_items_per_request
         if n > limit:

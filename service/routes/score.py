@@ -36,9 +36,7 @@ async def score(
 ) -> ScoreResponse:
     aggregation = service.resolve_aggregation(body.aggregation)
     lam = body.uwo_lambda if body.uwo_lambda is not None else service.uwo_lambda
-    service.check_count(len(body.items), "items")
-    encoded = await service.encode([it.to_engine() for it in body.items], "items")
-    scores = await service.score(encoded, request)
+    scores = await service.score_items([it.to_engine() for it in body.items], "items", request)
     results = [
         ScoreResult(
             reward=aggregate(s, aggregation, lam),
@@ -77,9 +75,7 @@ async def get_reward(
 ) -> GetRewardResponse:
     if not body.query:  # older OpenRLHF sends an empty query to idle replicas
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-    service.check_count(len(body.query), "query")
-    encoded = await service.encode([{"text": q} for q in body.query], "query")
-    scores = await service.score(encoded, request, "query")
+    scores = await service.score_items([{"text": q} for q in body.query], "query", request)
     rewards = [aggregate(s, service.aggregation, service.uwo_lambda) for s in scores]
     logs: dict[str, list[float]] = {
         "reward_std": [s.std for s in scores],
