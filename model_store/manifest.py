@@ -15,9 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model_store.aggregation import Aggregation
+
 MANIFEST_NAME = "reward_heads.json"
 FORMAT_VERSION = 1
-AGGREGATIONS = ("min", "mean", "max", "uwo")
 
 Pooling = Literal["auto", "last_token", "first_token", "pooler"]
 TruncationSide = Literal["left", "right", "reject"]
@@ -70,7 +71,7 @@ class RewardManifest(BaseModel):
             raise ValueError("head_names must be unique")
         if self.normalization is not None and len(self.normalization.mean) != self.num_heads:
             raise ValueError("normalization must have one mean/std per head")
-        validate_aggregation(self.default_aggregation, self.num_heads)
+        Aggregation.parse(self.default_aggregation, self.num_heads)
         for rel, digest in self.files.items():
             check_relative_path(rel)
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -96,15 +97,8 @@ class RewardManifest(BaseModel):
 
 
 def validate_aggregation(aggregation: str, num_heads: int) -> str:
-    """Return the aggregation if valid for K heads (`min|mean|max|uwo|head:i`), else raise ValueError."""
-    if aggregation in AGGREGATIONS:
-        return aggregation
-    if aggregation.startswith("head:"):
-        idx = aggregation[5:]
-        if idx.isdigit() and int(idx) < num_heads:
-            return aggregation
-        raise ValueError(f"head index in {aggregation!r} must be an integer in [0, {num_heads - 1}]")
-    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of min, mean, max, uwo, head:<i>")
+    """The aggregation's canonical text if valid for K heads, else ValueError (see `Aggregation.parse`)."""
+    return Aggregation.parse(aggregation, num_heads).name
 
 
 def check_relative_path(rel: str) -> str:

@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 from service.auth import ApiKeyMiddleware, api_key_dependency
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
-from service.middleware import BodyLimitMiddleware
+from service.middleware import ArrivalMiddleware, Arrivals, BodyLimitMiddleware
 from service.routes import health, models, score
 from service.runtime import ScoringService
 from service.settings import Settings, build_engine
@@ -34,11 +34,13 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     """Build the app. `engine` (a ScoringEngine or a wrapper of one) skips loading: tests, benches."""
     settings = settings or Settings()
     metrics = Metrics()
+    arrivals = Arrivals()
+    metrics.track_arrivals(lambda: arrivals.count)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-        service = ScoringService(settings, eng, metrics)
+        service = ScoringService(settings, eng, metrics, arrivals)
         await service.start()
         app.state.service = service
         try:
@@ -63,6 +65,7 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     if settings.api_keys:  # outside the body limit: unauthenticated bodies are never read
         protected = frozenset(r.path for router in (score.router, models.router) for r in router.routes)
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=protected)
+    app.add_middleware(ArrivalMiddleware, arrivals=arrivals)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every status
     generic_openapi = app.openapi
 

@@ -103,21 +103,19 @@ def demo(
 ) -> None:
     """Score two example responses and print every head: a smoke test of the whole engine."""
     _quiet_hf()
-    from service.aggregation import aggregate
     from service.engine import Item
     from service.settings import build_engine
 
-    engine = build_engine(_settings(model=model, store_root=store))
+    settings = _settings(model=model, store_root=store)
+    engine = build_engine(settings)
+    agg = settings.resolved_aggregation(engine.manifest)
     items = [
         Item(prompt="What is the capital of France?", response="The capital of France is Paris."),
         Item(prompt="What is the capital of France?", response="I don't know, maybe bananas."),
     ]
     for item, s in zip(items, engine.score(items), strict=True):
-        agg = aggregate(s, engine.manifest.default_aggregation, engine.manifest.uwo_lambda)
         heads = ", ".join(f"{n}={r:+.4f}" for n, r in zip(engine.head_names, s.rewards, strict=True))
-        typer.echo(
-            f"{item.response!r}: reward({engine.manifest.default_aggregation})={agg:+.4f} std={s.std:.4f} [{heads}]"
-        )
+        typer.echo(f"{item.response!r}: reward({agg.name})={agg.apply(s):+.4f} std={s.std:.4f} [{heads}]")
 
 
 @app.command()
@@ -151,16 +149,11 @@ def score(
     from service.settings import build_engine
 
     try:
-        engine = build_engine(_settings(model=model, store_root=store))
-        job = ScoreJob(
-            engine,
-            input,
-            output,
-            errors,
-            aggregation=aggregation,
-            uwo_lambda=uwo_lambda,
-            chunk_size=chunk_size,
-        )
+        # CLI options override HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA, as `serve` honours them too.
+        settings = _settings(model=model, store_root=store, aggregation=aggregation, uwo_lambda=uwo_lambda)
+        engine = build_engine(settings)
+        agg = settings.resolved_aggregation(engine.manifest)
+        job = ScoreJob(engine, input, output, errors, aggregation=agg, chunk_size=chunk_size)
         result = job.run(restart=restart, progress_bar=progress)
     except (JobError, ModelStoreError, ValueError) as e:
         raise _fail(str(e)) from e

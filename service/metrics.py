@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import ERROR_TYPE_KEY
+from service.middleware import SCORING_PATHS
+
 if TYPE_CHECKING:
     from service.engine import EncodedItem, ItemScore
-
-ARRIVED_KEY = "hydra_rm.arrived"
-SUBMITTED_KEY = "hydra_rm.submitted"  # set once a scoring request's items are in the batcher queue
-ERROR_TYPE_KEY = "hydra_rm.error_type"  # set by the error handlers: the reason a request was rejected
 
 # Rewards of normalised heads live around [-3, 3]; untrained heads can stray further.
 _REWARD_BUCKETS = (
@@ -133,19 +132,15 @@ class Metrics:
         )
         self._head_children: list[Histogram] = []
         self.set_heads(head_names)
-        # Scoring requests received but not yet queued (reading body, validating, tokenizing): the
-        # batcher waits for these, and only these, before flushing a part-full batch.
-        self.arriving = 0
-        Gauge(
+        self.arriving = Gauge(
             "hydra_rm_requests_arriving",
             "Scoring requests received but not yet queued (body, validation, tokenization).",
             registry=r,
-        ).set_function(lambda: self.arriving)
+        )
 
-    def submitted(self, scope: dict) -> None:
-        if scope.get(SUBMITTED_KEY) is False:
-            scope[SUBMITTED_KEY] = True
-            self.arriving -= 1
+    def track_arrivals(self, count: Callable[[], float]) -> None:
+        """Read at scrape time from the service's flow control (service/middleware.py: Arrivals)."""
+        self.arriving.set_function(count)
 
     def set_heads(self, head_names: Sequence[str]) -> None:
         # Resolve label children once: .labels() per observation is a dict lookup + lock we can skip.
@@ -196,7 +191,6 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        scope[ARRIVED_KEY] = time.monotonic()  # the request deadline counts from here
         status = 0  # no response started: set below from what happened
         raw_path = scope.get("path", "")
 
@@ -208,14 +202,10 @@ class RequestMetricsMiddleware:
 
         gauge = self.metrics.in_flight.labels(endpoint=raw_path if raw_path in _KNOWN else "other")
         gauge.inc()
-        if raw_path in _SCORING:
-            scope[SUBMITTED_KEY] = False
-            self.metrics.arriving += 1
         try:
             await self.app(scope, receive, send_status)
         finally:
             gauge.dec()
-            self.metrics.submitted(scope)  # a request that failed before queueing stops "arriving"
             if status == 0:  # the client left before any answer, or an exception escaped to Starlette
                 disconnected = scope.get(ERROR_TYPE_KEY) == "client_disconnected"
                 status = 499 if disconnected else 500
@@ -229,5 +219,5 @@ class RequestMetricsMiddleware:
                 self.metrics.rejected.labels(reason=scope.get(ERROR_TYPE_KEY) or f"http_{status}").inc()
 
 
-_SCORING = {"/v1/score", "/get_reward"}
+_SCORING = SCORING_PATHS
 _KNOWN = _SCORING | {"/v1/models", "/healthz", "/readyz", "/metrics"}

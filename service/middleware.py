@@ -1,18 +1,70 @@
-"""Body-size limit as plain ASGI middleware (no BaseHTTPMiddleware: it breaks disconnect detection).
+"""Flow control as plain ASGI middleware (no BaseHTTPMiddleware: it breaks disconnect detection).
 
-The body is read here, under the limit, and replayed to the app; after the replay, `receive()`
-falls through to the server, whose next message is `http.disconnect` when the client hangs up.
-That is what lets a request whose client left stop costing compute.
+`ArrivalMiddleware` stamps each request's arrival (its deadline counts from there) and counts the
+scoring requests on their way to the queue: the batcher holds a part-full batch only for these.
+`BodyLimitMiddleware` reads the body under the limit and replays it to the app; after the replay,
+`receive()` falls through to the server, whose next message is `http.disconnect` when the client
+hangs up. That is what lets a request whose client left stop costing compute.
 """
 
 from __future__ import annotations
 
+import time
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
-from service.metrics import ERROR_TYPE_KEY
+from service.errors import ERROR_TYPE_KEY, error_response
 
+ARRIVED_KEY = "hydra_rm.arrived"  # time.monotonic() when the request arrived: its deadline counts from here
+_ARRIVING_KEY = "hydra_rm.arriving"  # True while the request is counted in Arrivals
+
+SCORING_PATHS = frozenset({"/v1/score", "/get_reward"})
 _NO_BODY = {"GET", "HEAD", "OPTIONS", "DELETE"}
+
+
+class Arrivals:
+    """Scoring requests received and not yet queued (body, validation, tokenization).
+
+    The batcher's "more is coming" signal: it waits (up to max_wait_ms) for these, and only these,
+    before flushing a part-full batch. Metrics read `count` for hydra_rm_requests_arriving.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def more_coming(self) -> bool:
+        return self.count > 0
+
+    def begin(self, scope: Scope) -> None:
+        if not scope.get(_ARRIVING_KEY):
+            scope[_ARRIVING_KEY] = True
+            self.count += 1
+
+    def done(self, scope: Scope) -> None:
+        """The request reached the queue, or failed before it: either way it is no longer arriving."""
+        if scope.get(_ARRIVING_KEY):
+            scope[_ARRIVING_KEY] = False
+            self.count -= 1
+
+
+class ArrivalMiddleware:
+    def __init__(self, app: ASGIApp, arrivals: Arrivals) -> None:
+        self.app = app
+        self.arrivals = arrivals
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[ARRIVED_KEY] = time.monotonic()
+        if scope.get("path") not in SCORING_PATHS:
+            await self.app(scope, receive, send)
+            return
+        self.arrivals.begin(scope)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.arrivals.done(scope)
 
 
 class BodyLimitMiddleware:

@@ -9,16 +9,18 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
 from starlette.types import Receive
 
-from model_store.manifest import validate_aggregation
+from model_store.aggregation import Aggregation
 from service.batcher import Batcher
-from service.engine import EncodedItem, ItemError, ItemScore, ScoringEngine
+from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
-from service.metrics import ARRIVED_KEY, Metrics
+from service.metrics import Metrics
+from service.middleware import ARRIVED_KEY, Arrivals
 from service.settings import Settings
 
 log = logging.getLogger("hydra_rm.runtime")
@@ -36,35 +38,25 @@ TOKENIZER_BACKLOG = 64
 class ScoringService:
     """The model-facing half of the app; the routes only translate between HTTP and this."""
 
-    def __init__(self, settings: Settings, engine: ScoringEngine, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, engine: ScoringEngine, metrics: Metrics, arrivals: Arrivals | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
-        manifest = engine.manifest
-        try:
-            self.aggregation = validate_aggregation(
-                settings.aggregation or manifest.default_aggregation, engine.num_heads
-            )
-        except ValueError as e:
-            raise ValueError(f"HYDRA_RM_AGGREGATION: {e}") from e
-        self.uwo_lambda = settings.uwo_lambda if settings.uwo_lambda is not None else manifest.uwo_lambda
+        self.arrivals = arrivals or Arrivals()
+        self.aggregation = settings.resolved_aggregation(engine.manifest)
         self.head_names = engine.head_names
-        on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
-        self.max_padding = (
-            settings.max_padding if settings.max_padding is not None else (1.0 if on_gpu else 0.1)
-        )
         self.batcher = Batcher(
             engine.forward,
-            token_budget=engine.token_budget,
-            max_batch_size=engine.max_batch_size,
+            engine.policy,
             max_queue_items=settings.max_queue_items,
             max_queue_tokens=settings.max_queue_tokens,
             max_wait_s=settings.max_wait_ms / 1000.0,
-            max_padding=self.max_padding,
             retry_after_s=settings.retry_after_s,
             observer=metrics.observe_batch,
             on_failure=lambda _: metrics.batch_failures.inc(),
-            more_coming=lambda: metrics.arriving > 0,
+            more_coming=self.arrivals.more_coming,
         )
         self.ready = False
         self.draining = False
@@ -93,8 +85,8 @@ class ScoringService:
             info["name"],
             info["version"],
             self.engine.num_heads,
-            self.aggregation,
-            self.engine.token_budget,
+            self.aggregation.name,
+            self.engine.policy.token_budget,
         )
 
     def begin_drain(self) -> None:
@@ -124,15 +116,17 @@ class ScoringService:
             self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- request policy --------------------------------------------------------------------------
-    def resolve_aggregation(self, requested: str | None) -> str:
+    def request_aggregation(self, requested: str | None, uwo_lambda: float | None) -> Aggregation:
+        """A request's aggregation: what it asked for, else the server's; its lambda, else the server's."""
+        lam = self.aggregation.uwo_lambda if uwo_lambda is None else uwo_lambda
         if requested is None:
-            return self.aggregation
+            return replace(self.aggregation, uwo_lambda=lam)
         try:
-            return validate_aggregation(requested, self.engine.num_heads)
+            return Aggregation.parse(requested, self.engine.num_heads, lam)
         except ValueError as e:
             raise InvalidInput(f"aggregation: {e}", field="aggregation") from e
 
-    async def score_items(self, items: Sequence[Any], field: str, request: Request) -> list[ItemScore]:
+    async def score_items(self, items: Sequence[Item], field: str, request: Request) -> list[ItemScore]:
         """What every scoring route does: count limit, tokenize, queue; errors name `field`."""
         self.check_count(len(items), field)
         return await self.score(await self.encode(items, field), request, field)
@@ -142,13 +136,16 @@ class ScoringService:
         if n > limit:
             raise InvalidInput(f"{field}: {n} items, at most {limit} per request (split it)", field=field)
 
-    async def encode(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
+    async def encode(self, items: Sequence[Item], field: str) -> list[EncodedItem]:
         """Tokenize before queueing, so bad or over-long items get a 4xx at once and the batcher
         budgets by real token counts."""
         b = self.batcher
         if len(items) <= b.max_queue_items < b.queued_items + len(items):  # full: skip the tokenizing
             raise Overloaded(f"queue full ({b.queued_items} items waiting); retry later", b.retry_after_s)
-        small = len(items) <= INLINE_ENCODE_ITEMS and sum(map(_item_chars, items)) <= INLINE_ENCODE_CHARS
+        small = (
+            len(items) <= INLINE_ENCODE_ITEMS
+            and sum(map(self.engine.items.chars, items)) <= INLINE_ENCODE_CHARS
+        )
         if small or self._tokenizer_pool is None:
             return self._encode_all(items, field)
         if self._tokenizing >= TOKENIZER_BACKLOG:  # the one tokenizer thread is already that far behind
@@ -162,7 +159,7 @@ class ScoringService:
         finally:
             self._tokenizing -= 1
 
-    def _encode_all(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
+    def _encode_all(self, items: Sequence[Item], field: str) -> list[EncodedItem]:
         out = []
         for i, item in enumerate(items):
             try:
@@ -182,7 +179,7 @@ class ScoringService:
         try:
             job = self.batcher.submit(encoded, field)
         finally:
-            self.metrics.submitted(request.scope)
+            self.arrivals.done(request.scope)
         timeout = max(0.0, self.settings.request_timeout_s - (time.monotonic() - arrived))
         watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
         try:
@@ -205,14 +202,13 @@ class ScoringService:
         )
 
     def describe(self) -> dict[str, Any]:
-        info = self.engine.describe()
-        info.update(
-            default_aggregation=self.aggregation,
-            uwo_lambda=self.uwo_lambda,
-            token_budget=self.engine.token_budget,
-            max_batch_size=self.engine.max_batch_size,
-        )
-        return info
+        return {
+            **self.engine.describe(),
+            "default_aggregation": self.aggregation.name,
+            "uwo_lambda": self.aggregation.uwo_lambda,
+            "token_budget": self.engine.policy.token_budget,
+            "max_batch_size": self.engine.policy.max_batch_size,
+        }
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -225,11 +221,3 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             # A server that answers receive() at once after the body cannot signal a hang-up;
             # wait forever rather than spin.
             await asyncio.Event().wait()
-
-
-def _item_chars(item: Any) -> int:
-    get = item.get if isinstance(item, dict) else lambda k: getattr(item, k, None)
-    n = sum(len(v) for v in (get("text"), get("prompt"), get("response")) if isinstance(v, str))
-    for m in get("messages") or ():
-        n += len(str(m.get("content", ""))) if isinstance(m, dict) else 0
-    return n

@@ -151,10 +151,27 @@ class Settings(BaseSettings):
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
 
-    def resolved_token_budget(self) -> int:
-        if self.token_budget is not None:
-            return self.token_budget
-        return 65536 if self.resolved_device().startswith("cuda") else 2048
+    def resolved_aggregation(self, manifest):  # noqa: ANN001, ANN201 - RewardManifest -> Aggregation
+        """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA (or the CLI options that override them) over the
+        manifest's defaults: `serve`, `score` and `demo` all resolve here."""
+        from model_store.aggregation import resolve_aggregation
+
+        try:
+            return resolve_aggregation(manifest, self.aggregation, self.uwo_lambda)
+        except ValueError as e:
+            raise ValueError(f"aggregation setting: {e}") from e
+
+    def batch_policy(self):  # noqa: ANN201 - service.batching.BatchPolicy
+        """Token budget, batch size and padding cap for this device: what the service's batcher and
+        the JSONL job both batch by (defaults in service/batching.py)."""
+        from service.batching import BatchPolicy
+
+        return BatchPolicy.resolve(
+            self.resolved_device(),
+            token_budget=self.token_budget,
+            max_batch_size=self.max_batch_size,
+            max_padding=self.max_padding,
+        )
 
 
 def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.ScoringEngine
@@ -173,8 +190,7 @@ def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.S
     )
     return ScoringEngine(
         rm,
-        token_budget=settings.resolved_token_budget(),
-        max_batch_size=settings.max_batch_size,
+        policy=settings.batch_policy(),
         padding_side=settings.padding_side,
         max_length=settings.max_length,
         truncation_side=settings.truncation_side,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.aggregation import aggregate
+from model_store.tokenization import Item
 from service.protocol import (
     GetRewardRequest,
     GetRewardResponse,
@@ -34,12 +34,11 @@ _STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max")
 async def score(
     body: ScoreRequest, request: Request, service: ScoringService = Depends(get_service)
 ) -> ScoreResponse:
-    aggregation = service.resolve_aggregation(body.aggregation)
-    lam = body.uwo_lambda if body.uwo_lambda is not None else service.uwo_lambda
-    scores = await service.score_items([it.to_engine() for it in body.items], "items", request)
+    agg = service.request_aggregation(body.aggregation, body.uwo_lambda)
+    scores = await service.score_items([it.to_item() for it in body.items], "items", request)
     results = [
         ScoreResult(
-            reward=aggregate(s, aggregation, lam),
+            reward=agg.apply(s),
             heads=list(s.rewards) if body.return_heads else None,
             **s.summary(),
         )
@@ -49,8 +48,8 @@ async def score(
     return ScoreResponse(
         model=rm.name,
         version=rm.version,
-        aggregation=aggregation,
-        uwo_lambda=lam if aggregation == "uwo" else None,
+        aggregation=agg.name,
+        uwo_lambda=agg.uwo_lambda if agg.kind == "uwo" else None,
         head_names=service.head_names,
         results=results,
         usage=Usage(
@@ -75,8 +74,8 @@ async def get_reward(
 ) -> GetRewardResponse:
     if not body.query:  # older OpenRLHF sends an empty query to idle replicas
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-    scores = await service.score_items([{"text": q} for q in body.query], "query", request)
-    rewards = [aggregate(s, service.aggregation, service.uwo_lambda) for s in scores]
+    scores = await service.score_items([Item(text=q) for q in body.query], "query", request)
+    rewards = [service.aggregation.apply(s) for s in scores]
     logs: dict[str, list[float]] = {
         "reward_std": [s.std for s in scores],
         "reward_min": [s.min for s in scores],

@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from service.app import create_app
+from service.engine import Item
 from service.server import HydraServer
 from service.settings import Settings
 
@@ -96,7 +97,7 @@ class ControlledEngine:
         return getattr(self._inner, name)
 
     def ids(self, text: str) -> tuple[int, ...]:
-        return tuple(self._inner.encode({"text": text}).input_ids)
+        return tuple(self._inner.encode(Item(text=text)).input_ids)
 
     def poison(self, text: str) -> None:
         self.poisoned.add(self.ids(text))

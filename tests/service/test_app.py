@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from service.engine import Item
+from service.protocol import ScoreItem
 from service.settings import Settings
 from tests.service.conftest import live_server, wait_until
 
@@ -34,7 +35,7 @@ def test_score_returns_every_head_and_the_requested_aggregation(live, tiny_engin
         {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "Lyon."}]},
         {"text": "a raw text to score"},
     ]
-    expected = tiny_engine.score([Item.from_dict(i) for i in items])
+    expected = tiny_engine.score([ScoreItem.model_validate(i).to_item() for i in items])
     with live.client() as c:
         out = {}
         for agg in ["min", "mean", "max", "uwo", "head:2"]:
@@ -105,7 +106,8 @@ BAD_SCORE_BODIES = [
     ({"items": "text"}, "items"),
     ({"items": [{}]}, "items[0]"),
     ({"items": [{"text": "a", "prompt": "b", "response": "c"}]}, "items[0]"),
-    ({"items": [{"prompt": "only a prompt"}]}, "items[0]"),
+    ({"items": [{"prompt": "only a prompt"}]}, "items[0].response"),
+    ({"items": [{"response": "only a response"}]}, "items[0].prompt"),
     ({"items": [{"text": 123}]}, "items[0].text"),
     ({"items": [{"text": "ok"}, {"text": ["not", "a", "string"]}]}, "items[1].text"),
     ({"items": [{"messages": []}]}, "items[0].messages"),
