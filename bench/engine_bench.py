@@ -36,7 +36,7 @@ WORDS = (
 
 
 def workload(n: int, seed: int = 0) -> list[Item]:
-    """Prompt + response of 10-200 words each (mean ~ DESIGN.md's measured mix), in random order."""
+    """Prompt + response of 10-200 words each (the mix of docs/architecture.md's measurements), in random order."""
     rng = random.Random(seed)
     items = []
     for _ in range(n):
