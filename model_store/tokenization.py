@@ -108,7 +108,9 @@ class ItemTokenizer:
         """Characters the tokenizer will actually see for `item` (after the pre-cut): its cost."""
         limit = self.precut_chars if self.truncation_side != "reject" else None
         if item.messages is not None:
-            return sum(len(m["content"]) for m in item.messages)
+            content = sum(len(m["content"]) for m in item.messages)
+            roles = sum(len(m["role"]) + 8 for m in item.messages)  # + the template's markup, roughly
+            return (min(content, limit) if limit is not None else content) + roles
         texts = [t for t in (item.text, item.prompt, item.response) if t is not None]
         return sum(min(len(t), limit) if limit is not None else len(t) for t in texts)
 
@@ -187,12 +189,30 @@ class ItemTokenizer:
         return text[-limit:] if self.truncation_side == "left" else text[:limit]
 
     def _precut_messages(self, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        """The pre-cut of a conversation: its contents together keep `precut_chars` characters from
+        the end (left truncation) or the start (right), so what truncation keeps is unchanged. Every
+        message stays (with empty content if cut away): the template's leading tokens, which left
+        truncation keeps, and its role-order checks see the same conversation."""
+        out = [{"role": m["role"], "content": m["content"]} for m in messages]
+        budget = self.precut_chars
+        if self.truncation_side == "reject" or sum(len(m["content"]) for m in out) <= budget:
+            return out
+        order = reversed(out) if self.truncation_side == "left" else iter(out)
+        for m in order:
+            content = m["content"]
+            if len(content) > budget:
+                m["content"] = (
+                    (content[len(content) - budget :]) if self.truncation_side == "left" else content[:budget]
+                )
+            budget -= len(m["content"])
+        return out
 
     def _was_precut(self, item: Item) -> bool:
         if self.truncation_side == "reject":
             return False
         limit = self.precut_chars
+        if item.messages is not None:
+            return sum(len(m["content"]) for m in item.messages) > limit
         return any(t is not None and len(t) > limit for t in (item.text, item.prompt, item.response))
 
     def _render(self, messages: list[dict[str, str]], field: str) -> str:

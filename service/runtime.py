@@ -8,7 +8,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -22,17 +21,21 @@ from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, O
 from service.metrics import Metrics
 from service.middleware import ARRIVED_KEY, Arrivals
 from service.settings import Settings
+from service.tokenizing import TokenizerLane
 
 log = logging.getLogger("hydra_rm.runtime")
 
 # Requests up to this many items are tokenized on the event loop (cheaper than a thread hop for
-# OpenRLHF's one-sample requests); bigger ones go to a thread so the loop keeps answering.
+# OpenRLHF's one-sample requests); bigger ones go to the tokenizer lane so the loop keeps answering.
 INLINE_ENCODE_ITEMS = 8
 # Tokenizing is ~1 us/char here: a 14 MB query blocked the loop 9 s when this went by item count.
 INLINE_ENCODE_CHARS = 32_000
-# Large requests waiting for (or in) the tokenizer thread before new ones get 503: bounds the CPU and
+# Large requests waiting for (or in) the tokenizer lane before new ones get 503: bounds the CPU and
 # memory spent on requests the queue would likely refuse anyway.
 TOKENIZER_BACKLOG = 64
+# ...and the characters they may queue (after the pre-cut): ~1 us/char, so ~32 s of tokenizing, well
+# inside the default 150 s deadline; any one request under the default 16 MiB body limit fits.
+TOKENIZER_BACKLOG_CHARS = 32_000_000
 
 
 class ScoringService:
@@ -61,8 +64,7 @@ class ScoringService:
         self.ready = False
         self.draining = False
         self._drain_started: float | None = None
-        self._tokenizing = 0  # large requests handed to the tokenizer thread and not back yet
-        self._tokenizer_pool: ThreadPoolExecutor | None = None
+        self.tokenizer: TokenizerLane | None = None  # started with the service
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -70,7 +72,14 @@ class ScoringService:
         """Warm up (first forward pays for lazy init), then start batching; only then ready."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.engine.warmup)
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-rm-tokenize")
+        self.tokenizer = TokenizerLane(
+            self.engine.encode,
+            max_requests=TOKENIZER_BACKLOG,
+            max_chars=TOKENIZER_BACKLOG_CHARS,
+            retry_after_s=self.settings.retry_after_s,
+            timeout_s=self.settings.request_timeout_s,
+        )
+        self.tokenizer.start()
         self.batcher.start()
         self.metrics.set_heads(self.head_names)
         self.metrics.track_queue(lambda: self.batcher.queued_items, lambda: self.batcher.queued_tokens)
@@ -112,8 +121,8 @@ class ScoringService:
         # and orchestrators kill at their grace period (Kubernetes: 30 s), not at twice ours.
         spent = time.monotonic() - self._drain_started if self._drain_started is not None else 0.0
         await self.batcher.close(max(1.0, self.settings.drain_timeout_s - spent))
-        if self._tokenizer_pool is not None:
-            self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tokenizer is not None:
+            self.tokenizer.stop()
 
     # -- request policy --------------------------------------------------------------------------
     def request_aggregation(self, requested: str | None, uwo_lambda: float | None) -> Aggregation:
@@ -129,35 +138,26 @@ class ScoringService:
     async def score_items(self, items: Sequence[Item], field: str, request: Request) -> list[ItemScore]:
         """What every scoring route does: count limit, tokenize, queue; errors name `field`."""
         self.check_count(len(items), field)
-        return await self.score(await self.encode(items, field), request, field)
+        deadline = _arrival(request) + self.settings.request_timeout_s
+        return await self.score(await self.encode(items, field, deadline), request, field)
 
     def check_count(self, n: int, field: str) -> None:
         limit = self.settings.max_items_per_request
         if n > limit:
             raise InvalidInput(f"{field}: {n} items, at most {limit} per request (split it)", field=field)
 
-    async def encode(self, items: Sequence[Item], field: str) -> list[EncodedItem]:
+    async def encode(self, items: Sequence[Item], field: str, deadline: float) -> list[EncodedItem]:
         """Tokenize before queueing, so bad or over-long items get a 4xx at once and the batcher
-        budgets by real token counts."""
+        budgets by real token counts. Small requests inline; the rest on the tokenizer lane, which
+        serves the shortest first and gives up at `deadline` (time.monotonic)."""
         b = self.batcher
         if len(items) <= b.max_queue_items < b.queued_items + len(items):  # full: skip the tokenizing
             raise Overloaded(f"queue full ({b.queued_items} items waiting); retry later", b.retry_after_s)
-        small = (
-            len(items) <= INLINE_ENCODE_ITEMS
-            and sum(map(self.engine.items.chars, items)) <= INLINE_ENCODE_CHARS
-        )
-        if small or self._tokenizer_pool is None:
+        costs = [self.engine.items.chars(it) for it in items]
+        small = len(items) <= INLINE_ENCODE_ITEMS and sum(costs) <= INLINE_ENCODE_CHARS
+        if small or self.tokenizer is None:
             return self._encode_all(items, field)
-        if self._tokenizing >= TOKENIZER_BACKLOG:  # the one tokenizer thread is already that far behind
-            raise Overloaded(
-                f"{self._tokenizing} large requests waiting to be tokenized; retry later", b.retry_after_s
-            )
-        self._tokenizing += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._tokenizer_pool, self._encode_all, items, field)
-        finally:
-            self._tokenizing -= 1
+        return await self.tokenizer.encode(items, costs, field, deadline)
 
     def _encode_all(self, items: Sequence[Item], field: str) -> list[EncodedItem]:
         out = []
@@ -175,7 +175,7 @@ class ScoringService:
         """Queue the items and wait for them, their deadline, or the client hanging up."""
         if not encoded:
             return []
-        arrived = request.scope.get(ARRIVED_KEY, time.monotonic())
+        arrived = _arrival(request)
         try:
             job = self.batcher.submit(encoded, field)
         finally:
@@ -221,3 +221,8 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             # A server that answers receive() at once after the body cannot signal a hang-up;
             # wait forever rather than spin.
             await asyncio.Event().wait()
+
+
+def _arrival(request: Request) -> float:
+    """When the request arrived (stamped by ArrivalMiddleware): its deadline counts from here."""
+    return request.scope.get(ARRIVED_KEY) or time.monotonic()
