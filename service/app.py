@@ -61,7 +61,12 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     app.include_router(health.router)
     app.include_router(score.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        arrivals=arrivals,
+    )
     if settings.api_keys:  # outside the body limit: unauthenticated bodies are never read
         protected = frozenset(r.path for router in (score.router, models.router) for r in router.routes)
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=protected)

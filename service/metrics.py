@@ -134,7 +134,7 @@ class Metrics:
         self.set_heads(head_names)
         self.arriving = Gauge(
             "hydra_rm_requests_arriving",
-            "Scoring requests received but not yet queued (body, validation, tokenization).",
+            "Scoring requests whose body has arrived, not yet queued (validation, tokenization).",
             registry=r,
         )
 

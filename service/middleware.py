@@ -1,14 +1,17 @@
 """Flow control as plain ASGI middleware (no BaseHTTPMiddleware: it breaks disconnect detection).
 
-`ArrivalMiddleware` stamps each request's arrival (its deadline counts from there) and counts the
-scoring requests on their way to the queue: the batcher holds a part-full batch only for these.
-`BodyLimitMiddleware` reads the body under the limit and replays it to the app; after the replay,
-`receive()` falls through to the server, whose next message is `http.disconnect` when the client
-hangs up. That is what lets a request whose client left stop costing compute.
+`ArrivalMiddleware` stamps each request's arrival (its deadlines count from there).
+`BodyLimitMiddleware` reads the body under a size limit and a deadline (a client trickling a body
+gets 408 and a closed connection), and only then counts a scoring request as arriving: the batcher
+holds a part-full batch for requests on their way to the queue, and a stalled upload is not on its
+way anywhere. It replays the body to the app; after the replay, `receive()` falls through to the
+server, whose next message is `http.disconnect` when the client hangs up. That is what lets a
+request whose client left stop costing compute.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +51,8 @@ class Arrivals:
 
 
 class ArrivalMiddleware:
+    """Stamps the arrival; whatever happens inside, a request leaving here is no longer arriving."""
+
     def __init__(self, app: ASGIApp, arrivals: Arrivals) -> None:
         self.app = app
         self.arrivals = arrivals
@@ -57,10 +62,6 @@ class ArrivalMiddleware:
             await self.app(scope, receive, send)
             return
         scope[ARRIVED_KEY] = time.monotonic()
-        if scope.get("path") not in SCORING_PATHS:
-            await self.app(scope, receive, send)
-            return
-        self.arrivals.begin(scope)
         try:
             await self.app(scope, receive, send)
         finally:
@@ -68,9 +69,17 @@ class ArrivalMiddleware:
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout_s: float = 30.0,
+        arrivals: Arrivals | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.arrivals = arrivals
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in _NO_BODY:
@@ -82,8 +91,13 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = scope.get(ARRIVED_KEY, time.monotonic()) + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                await self._too_slow(scope, receive, send, size)
+                return
             if message["type"] == "http.disconnect":
                 scope[ERROR_TYPE_KEY] = "client_disconnected"  # counted as 499, not as a server error
                 return  # client left before sending its body: nothing to answer
@@ -96,6 +110,8 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        if self.arrivals is not None and scope.get("path") in SCORING_PATHS:
+            self.arrivals.begin(scope)  # the body is in: from here until queued, it is truly arriving
         replayed = False
 
         async def replay() -> Message:
@@ -106,6 +122,18 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _too_slow(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
+        scope[ERROR_TYPE_KEY] = "request_timeout"
+        response = error_response(
+            408,
+            "request_timeout",
+            f"request body not received within body_timeout_s={self.body_timeout_s:g}s "
+            f"({size} bytes arrived)",
+            field="body",
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
         scope[ERROR_TYPE_KEY] = "payload_too_large"

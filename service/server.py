@@ -60,6 +60,7 @@ def build_server(settings: Settings, app: Any | None = None, **overrides: Any) -
         log_config=log_config,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]
+        limit_concurrency=settings.max_connections,
         lifespan="on",
         **overrides,
     )

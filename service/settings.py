@@ -111,6 +111,19 @@ class Settings(BaseSettings):
         description="Per-request deadline from arrival; past it the request gets 504 and its queued items "
         "are dropped. Below OpenRLHF's 180 s client timeout so workers get an answer, not a reset.",
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Longest a client may take to send a request body, from arrival; past it the request "
+        "gets 408 and the connection is closed (a trickling upload cannot hold a connection forever).",
+    )
+    max_connections: int = Field(
+        default=8192,
+        ge=1,
+        description="Concurrent connections before new requests get uvicorn's plain 503 (a backstop "
+        "against idle or slow clients; the item queue is the normal overload signal). Keep the "
+        "process's open-file limit above it.",
+    )
     retry_after_s: int = Field(default=1, ge=0, description="`Retry-After` seconds sent with 503s.")
     drain_timeout_s: float = Field(
         default=30.0,

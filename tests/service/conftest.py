@@ -55,12 +55,19 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 @contextmanager
 def live_server(settings: Settings | None = None, engine: Any = None) -> Iterator[Live]:
-    app = create_app(settings or Settings(), engine=engine)
+    settings = settings or Settings()
+    app = create_app(settings, engine=engine)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        limit_concurrency=settings.max_connections,  # as service.server.build_server
+    )
     server = HydraServer(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
