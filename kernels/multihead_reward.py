@@ -93,8 +93,11 @@ def multihead_reward_reference(
         index = index.to(hidden.device, torch.long)
         bad_index = (index < 0) | (index >= t)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
+        # T=0: no valid position; gather zeros of the right width so every row turns NaN below (bad_index)
         pooled = (
-            hidden[rows, index.clamp(0, max(t - 1, 0))] if t > 0 else hidden.new_zeros(hidden.shape[0], 0)
+            hidden[rows, index.clamp(0, t - 1)]
+            if t > 0
+            else hidden.new_zeros(hidden.shape[0], hidden.shape[2])
         )
     else:
         pooled = hidden
