@@ -122,7 +122,11 @@ def demo(
 def score(
     input: Annotated[
         Path,
-        typer.Option("--input", "-i", help="JSONL: {prompt, response} | {messages} | {text}, optional id."),
+        typer.Option(
+            "--input",
+            "-i",
+            help="JSONL: {prompt, response} | {messages} | {text}, optional id; validated as /v1/score items.",
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL of rewards, in input order.")],
     model: Annotated[str | None, typer.Option(help="Model spec (default: the embedded default).")] = None,
