@@ -126,12 +126,13 @@ def load_reward_model(
         )
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
             path,
             config=config,
             dtype=dtype,
             use_safetensors=not allow_pickle or any(path.glob("*.safetensors")),
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except ModelStoreError:
         raise
@@ -144,6 +145,18 @@ def load_reward_model(
             f"failed to load the tokenizer from {path} (tokenizer.json or the tokenizer's vocabulary "
             f"files missing or broken?): {type(e).__name__}: {_first_line(e)}"
         ) from e
+    absent = sorted(
+        {
+            *loading.get("missing_keys", ()),
+            *(str(m[0]) if isinstance(m, tuple) else str(m) for m in loading.get("mismatched_keys", ())),
+        }
+    )
+    if absent:  # transformers fills these with fresh random values: rewards would change at every load
+        raise ModelStoreError(
+            f"{path} has no weights for {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}: they would "
+            "be initialised at random on every load. Save the whole sequence-classification model "
+            "(encoder and heads) with save_pretrained"
+        )
     check_finite_weights(model, path)
     k = int(model.config.num_labels)
     if manifest is None:

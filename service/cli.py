@@ -79,16 +79,25 @@ def models_import(
     self-checked as `serve` would, and probed; a refused import publishes nothing.
     """
     _quiet_hf()
+    from transformers.utils import logging as hf_logging
+
     from model_store import ModelStore, ModelStoreError
     from service.import_check import ImportCheck, check_importable
+
+    hf_logging.disable_progress_bar()  # the import prints its verdict, not a weight-loading bar
 
     settings = _settings(store_root=store)
     checked: list[ImportCheck] = []
 
     def check(copy: Path) -> None:
-        checked.append(
-            check_importable(copy, settings, allow_pickle=allow_pickle, allow_constant=allow_constant_rewards)
-        )
+        try:
+            checked.append(
+                check_importable(
+                    copy, settings, allow_pickle=allow_pickle, allow_constant=allow_constant_rewards
+                )
+            )
+        except ModelStoreError as e:  # name the operator's directory, not the hidden copy being checked
+            raise type(e)(str(e).replace(str(copy), str(path))) from e
 
     try:
         ref = ModelStore(settings.store_root).publish(

