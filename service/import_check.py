@@ -18,13 +18,12 @@ from pathlib import Path
 
 from model_store import ModelStore, ModelStoreError
 from model_store.loader import load_reward_model
-from service.engine import Item, ScoringEngine
+from service.engine import Item, ItemError, ScoringEngine
 from service.settings import Settings
 
 log = logging.getLogger("hydra_rm.import")
 
-# Clearly different inputs, in every item form, short enough for any max_length: a working reward
-# head cannot give all of them the same value.
+# Clearly different inputs, in every item form: a working reward head cannot give them all the same value.
 PROBES: tuple[Item, ...] = (
     Item(prompt="What is the capital of France?", response="The capital of France is Paris."),
     Item(prompt="What is the capital of France?", response="I don't know, maybe bananas."),
@@ -37,6 +36,8 @@ PROBES: tuple[Item, ...] = (
         ]
     ),
     Item(text="!!!"),
+    Item(text="yes"),  # a few tokens: still probes a model with a tiny max_length under `reject`
+    Item(text="no"),
 )
 # A head is "constant" when its rewards over the probes spread less than this, relative to their size.
 CONSTANT_RTOL = 1e-6
@@ -95,8 +96,19 @@ def check_importable(
         )
     except ModelStoreError as e:
         raise ImportRefused(f"the serve-time self-check failed: {e}") from e
+    encoded = []
+    for probe in PROBES:
+        try:
+            encoded.append(engine.encode(probe))
+        except ItemError:  # e.g. over max_length under truncation_side=reject: that is the caller's 422
+            continue
+    if len(encoded) < 2:
+        raise ImportRefused(
+            f"only {len(encoded)} of {len(PROBES)} probe inputs could be encoded "
+            f"(max_length={engine.max_length}, truncation_side={engine.truncation_side}): cannot check the heads"
+        )
     try:
-        scores = engine.score(PROBES)
+        scores = engine.score_encoded(encoded)
     except Exception as e:  # noqa: BLE001 - any failure here would be a failure on every request
         raise ImportRefused(f"scoring the probe inputs failed: {type(e).__name__}: {e}") from e
     rewards = [s.rewards for s in scores]
@@ -109,7 +121,7 @@ def check_importable(
     if constant:
         values = ", ".join(f"{n}={rewards[0][names.index(n)]:.6g}" for n in constant[:8])
         message = (
-            f"head(s) {', '.join(constant)} give the same reward ({values}) to all {len(PROBES)} "
+            f"head(s) {', '.join(constant)} give the same reward ({values}) to all {len(encoded)} "
             "clearly different probe inputs: the weights look broken (zeroed or corrupted tensors)"
         )
         if not allow_constant:
