@@ -24,6 +24,9 @@ from service.settings import Settings, build_engine
 
 log = logging.getLogger("hydra_rm.app")
 
+# What HYDRA_RM_DOCS guards or hides: the schema shows this server's head indices and item limits.
+DOCS_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
 DESCRIPTION = (
     "Multi-head reward model inference for RLHF: one shared encoder, K linear reward heads, the "
     "pessimistic reward (min over heads) by default, with every head and their std per item."
@@ -48,11 +51,16 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
         finally:
             await service.stop()
 
+    docs = settings.resolved_docs()
+    shown = docs != "off"
     app = FastAPI(
         title="hydra-rm",
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_url="/openapi.json" if shown else None,  # None also removes /docs and /redoc
+        docs_url="/docs" if shown else None,
+        redoc_url="/redoc" if shown else None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -69,6 +77,8 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     )
     if settings.api_keys:  # outside the body limit: unauthenticated bodies are never read
         protected = frozenset(r.path for router in (score.router, models.router) for r in router.routes)
+        if docs == "auth":
+            protected |= DOCS_PATHS
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=protected)
     app.add_middleware(ArrivalMiddleware, arrivals=arrivals)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every status

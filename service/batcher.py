@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from service.batching import BatchObserver, BatchPolicy, ForwardFn, forward_isolating
+from service.drain import ShuttingDown
 from service.engine import EncodedItem, ItemScore
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed, ServiceError
 
@@ -137,7 +138,7 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         for slot in [*self._window, *self._pending]:  # only left if the drain timed out
-            self._fail(slot.job, Overloaded("server shut down before scoring", self.retry_after_s))
+            self._fail(slot.job, ShuttingDown("server shut down before scoring; retry", self.retry_after_s))
         self._pending.clear()
         self._window = []
         if self._executor is not None:
@@ -153,7 +154,7 @@ class Batcher:
             job.future.set_result([])
             return job
         if self._closing:
-            raise Overloaded("server is shutting down", self.retry_after_s)
+            raise ShuttingDown("server is shutting down; retry", self.retry_after_s)
         if len(items) > self.max_queue_items or job.tokens > self.max_queue_tokens:
             raise PayloadTooLarge(  # permanent: retrying the same request cannot help
                 f"request of {len(items)} items / {job.tokens} tokens exceeds the whole queue "

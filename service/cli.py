@@ -64,18 +64,55 @@ def models_import(
         str | None, typer.Option("--version", help="Version label (default: next vN).")
     ] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickled .bin weights.")] = False,
+    allow_constant_rewards: Annotated[
+        bool,
+        typer.Option(
+            help="Import even if a head gives the same reward to every probe input "
+            "(normally a sign of zeroed or corrupted weights)."
+        ),
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Publish a checkpoint into the store atomically, with checksums of every file."""
+    """Publish a checkpoint into the store atomically, with checksums of every file.
+
+    The copy is verified against the source's own manifest checksums (when it has them), loaded and
+    self-checked as `serve` would, and probed; a refused import publishes nothing.
+    """
+    _quiet_hf()
+    from transformers.utils import logging as hf_logging
+
     from model_store import ModelStore, ModelStoreError
+    from service.import_check import ImportCheck, check_importable
+
+    hf_logging.disable_progress_bar()  # the import prints its verdict, not a weight-loading bar
+
+    settings = _settings(store_root=store)
+    checked: list[ImportCheck] = []
+
+    def check(copy: Path) -> None:
+        try:
+            checked.append(
+                check_importable(
+                    copy, settings, allow_pickle=allow_pickle, allow_constant=allow_constant_rewards
+                )
+            )
+        except ModelStoreError as e:  # name the operator's directory, not the hidden copy being checked
+            raise type(e)(str(e).replace(str(copy), str(path))) from e
 
     try:
-        ref = ModelStore(_settings(store_root=store).store_root).publish(
-            path, name, version, allow_pickle=allow_pickle
+        ref = ModelStore(settings.store_root).publish(
+            path, name, version, allow_pickle=allow_pickle, check=check
         )
     except (ModelStoreError, FileExistsError) as e:
-        raise _fail(str(e)) from e
-    typer.echo(f"imported {ref} -> {ref.path}")
+        raise _fail(f"{e}\nrefused: nothing was published") from e
+    if checked and checked[0].constant_heads:
+        typer.secho(
+            f"WARNING: head(s) {', '.join(checked[0].constant_heads)} give the same reward to every "
+            "probe input; imported only because of --allow-constant-rewards",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(f"imported {ref} -> {ref.path} (loaded and self-checked as `serve` would)")
 
 
 @models_app.command("show")

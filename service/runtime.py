@@ -113,6 +113,14 @@ class ScoringService:
         self.metrics.ready.set(0)
         self.batcher.flush_now()
 
+    async def cut_drain(self) -> int:
+        """The drain deadline is near: fail what is still queued with 503 `shutting_down` (see
+        service/drain.py) so those requests are answered before uvicorn cancels them. Returns the
+        number of items that will not be scored."""
+        left = self.batcher.queued_items
+        await self.batcher.close(0.0)
+        return left
+
     async def stop(self) -> None:
         self.draining = True
         self.ready = False

@@ -136,6 +136,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Server log level."
     )
+    docs: Literal["public", "auth", "off"] | None = Field(
+        default=None,
+        description="`/docs`, `/redoc` and `/openapi.json` (they show the head indices and item limits): "
+        "`public`, `auth` (they need an API key, like the scoring routes) or `off` (404). Default: `auth` "
+        "when `HYDRA_RM_API_KEYS` is set (a server that asks for keys does not describe itself to "
+        "strangers; tools such as schemathesis can send the key), else `public`.",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -148,6 +155,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.model == "":
             self.model = None
+        if self.docs == "auth" and not self.api_keys:
+            raise ValueError("docs=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them")
         return self
 
     def resolved_device(self) -> str:
@@ -185,6 +194,11 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_padding=self.max_padding,
         )
+
+    def resolved_docs(self) -> Literal["public", "auth", "off"]:
+        if self.docs is not None:
+            return self.docs
+        return "auth" if self.api_keys else "public"
 
 
 def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.ScoringEngine
