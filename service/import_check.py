@@ -88,8 +88,7 @@ def check_importable(
     try:
         engine = ScoringEngine(  # the constructor runs the same self-check as `serve`
             rm,
-            token_budget=settings.resolved_token_budget(),
-            max_batch_size=settings.max_batch_size,
+            policy=settings.batch_policy(),
             padding_side=settings.padding_side,
             max_length=settings.max_length,
             truncation_side=settings.truncation_side,
