@@ -106,43 +106,55 @@ class ItemTokenizer:
 
     def chars(self, item: Item) -> int:
         """Characters the tokenizer will actually see for `item` (after the pre-cut): its cost."""
-        limit = self.precut_chars if self.truncation_side != "reject" else None
+        limit = self.precut_chars
         if item.messages is not None:
             content = sum(len(m["content"]) for m in item.messages)
             roles = sum(len(m["role"]) + 8 for m in item.messages)  # + the template's markup, roughly
-            return (min(content, limit) if limit is not None else content) + roles
-        texts = [t for t in (item.text, item.prompt, item.response) if t is not None]
-        return sum(min(len(t), limit) if limit is not None else len(t) for t in texts)
+            return min(content, limit) + roles
+        return sum(min(len(t), limit) for t in (item.text, item.prompt, item.response) if t is not None)
 
     # -- the policy ------------------------------------------------------------------------------
     def encode(self, item: Item) -> EncodedItem:
         """Tokenize with the chat template where there is one, then apply the truncation policy."""
-        try:
-            ids, types = self.tokenize(item)
-        except ItemError:
-            raise
-        except Exception as e:  # e.g. lone surrogates the tokenizer cannot encode: the item's fault
-            raise ItemError(f"could not tokenize the item: {e}", field=item.main_field) from e
+        ids, types = self._tokenize_or_item_error(item, precut=True)
         n = len(ids)
-        if n <= self.max_length:
-            return EncodedItem(ids, types, self._was_precut(item), n)
         if self.truncation_side == "reject":
-            raise ItemError(
-                f"item has {n} tokens, over max_length={self.max_length} (truncation is set to reject)",
-                field=item.main_field,
-            )
+            cut = self._is_cut(item)
+            if n <= self.max_length and cut:  # the pre-cut part fits (over 64 chars/token): count it all
+                ids, types = self._tokenize_or_item_error(item, precut=False)
+                n, cut = len(ids), False
+            if n > self.max_length:
+                where = f" in its first {self.precut_chars} characters" if cut else ""
+                raise ItemError(
+                    f"item has {n} tokens{where}, over max_length={self.max_length} "
+                    "(truncation is set to reject)",
+                    field=item.main_field,
+                )
+            return EncodedItem(ids, types, False, n)
+        if n <= self.max_length:
+            return EncodedItem(ids, types, self._is_cut(item), n)
         keep = self._truncate_slices(ids, n)
         ids = [t for s in keep for t in ids[s]]
         types = [t for s in keep for t in types[s]] if types is not None else None
         return EncodedItem(ids, types, True, n)
 
-    def tokenize(self, item: Item) -> tuple[list[int], list[int] | None]:
-        """Token ids (and token types, for pair-encoding tokenizers) before truncation."""
+    def _tokenize_or_item_error(self, item: Item, precut: bool) -> tuple[list[int], list[int] | None]:
+        try:
+            return self.tokenize(item, precut=precut)
+        except ItemError:
+            raise
+        except Exception as e:  # e.g. lone surrogates the tokenizer cannot encode: the item's fault
+            raise ItemError(f"could not tokenize the item: {e}", field=item.main_field) from e
+
+    def tokenize(self, item: Item, *, precut: bool = True) -> tuple[list[int], list[int] | None]:
+        """Token ids (and token types, for pair-encoding tokenizers) before truncation; `precut`
+        first drops what truncation would drop anyway (see `_precut`)."""
         tok = self.tokenizer
+        cut = self._precut if precut else (lambda text: text)
         if item.text is not None:
-            enc = tok(self._precut(item.text), add_special_tokens=True)
+            enc = tok(cut(item.text), add_special_tokens=True)
         elif item.messages is not None:
-            messages = self._precut_messages(item.messages)
+            messages = self._precut_messages(item.messages, precut)
             if self.has_chat_template:
                 enc = tok(self._render(messages, "messages"), add_special_tokens=False)
             else:  # documented fallback: "role: content" lines as plain text
@@ -150,7 +162,7 @@ class ItemTokenizer:
                 enc = tok(lines, add_special_tokens=True)
         else:
             assert item.prompt is not None and item.response is not None, "a pair needs both halves"
-            prompt, response = self._precut(item.prompt), self._precut(item.response)
+            prompt, response = cut(item.prompt), cut(item.response)
             if self.has_chat_template:
                 chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
                 enc = tok(self._render(chat, "prompt"), add_special_tokens=False)
@@ -182,20 +194,22 @@ class ItemTokenizer:
         """Drop what truncation would drop anyway before tokenizing a huge string (a 14 MB query took
         8.5 s to tokenize into 7.6M tokens to keep 512). The cut keeps far more characters than
         max_length tokens can span, so it does not change which tokens survive; `original_tokens`
-        then counts the pre-cut text."""
+        then counts the pre-cut text. Under `reject` the start is kept: enough to count past max_length."""
         limit = self.precut_chars
-        if len(text) <= limit or self.truncation_side == "reject":
+        if len(text) <= limit:
             return text
         return text[-limit:] if self.truncation_side == "left" else text[:limit]
 
-    def _precut_messages(self, messages: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    def _precut_messages(
+        self, messages: Sequence[Mapping[str, str]], precut: bool = True
+    ) -> list[dict[str, str]]:
         """The pre-cut of a conversation: its contents together keep `precut_chars` characters from
         the end (left truncation) or the start (right), so what truncation keeps is unchanged. Every
         message stays (with empty content if cut away): the template's leading tokens, which left
         truncation keeps, and its role-order checks see the same conversation."""
         out = [{"role": m["role"], "content": m["content"]} for m in messages]
         budget = self.precut_chars
-        if self.truncation_side == "reject" or sum(len(m["content"]) for m in out) <= budget:
+        if not precut or sum(len(m["content"]) for m in out) <= budget:
             return out
         order = reversed(out) if self.truncation_side == "left" else iter(out)
         for m in order:
@@ -207,9 +221,8 @@ class ItemTokenizer:
             budget -= len(m["content"])
         return out
 
-    def _was_precut(self, item: Item) -> bool:
-        if self.truncation_side == "reject":
-            return False
+    def _is_cut(self, item: Item) -> bool:
+        """Whether the pre-cut drops anything from `item` (then it is truncated, or under `reject` over-long)."""
         limit = self.precut_chars
         if item.messages is not None:
             return sum(len(m["content"]) for m in item.messages) > limit

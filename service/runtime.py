@@ -73,7 +73,7 @@ class ScoringService:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.engine.warmup)
         self.tokenizer = TokenizerLane(
-            self.engine.encode,
+            lambda item: self.engine.encode(item),  # looked up per call, as the inline path does
             max_requests=TOKENIZER_BACKLOG,
             max_chars=TOKENIZER_BACKLOG_CHARS,
             retry_after_s=self.settings.retry_after_s,

@@ -13,7 +13,7 @@ import pytest
 
 from model_store import ModelStore
 from model_store.loader import load_reward_model
-from service.engine import Item, ScoringEngine
+from service.engine import Item, ItemError, ScoringEngine
 from service.settings import Settings
 from tests.service.conftest import live_server, wait_until
 from tests.service.test_app_load import in_background, post_concurrently
@@ -132,3 +132,30 @@ def test_tokenizer_backlog_is_bounded_by_characters(tiny_engine, monkeypatch) ->
     assert second.status_code == 503 and second.headers["Retry-After"]
     assert "characters" in second.json()["error"]["message"]
     assert first["result"][0].status_code == 200 and len(first["result"][0].json()["rewards"]) == 20
+
+
+def test_reject_policy_counts_huge_items_without_tokenizing_them_whole(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import model_store.tokenization as tokenization
+
+    rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path / "s"))
+    engine = ScoringEngine(rm, max_length=16, truncation_side="reject")
+    recorder = _Recording(engine.tokenizer)
+    monkeypatch.setattr(engine.items, "tokenizer", recorder)
+    huge = [
+        Item(text="word " * 100_000),
+        Item(prompt="q", response="word " * 100_000),
+        Item(messages=[{"role": "user", "content": "word " * 100_000}]),
+    ]
+    for item in huge:
+        with pytest.raises(ItemError) as ei:
+            engine.encode(item)
+        assert ei.value.field == item.main_field and "max_length=16" in str(ei.value)
+    assert max(recorder.seen) <= engine.items.precut_chars + 2_000
+    # Where the pre-cut part fits (more characters per token than the cut assumes), all of it is counted.
+    monkeypatch.setattr(tokenization, "PRECUT_CHARS_PER_TOKEN", 1)  # cut at 16 characters
+    fits = Item(text="a b c d e f g h i")  # 17 characters, ~10 tokens
+    assert engine.encode(fits).input_ids == engine.items.tokenize(fits, precut=False)[0]
+    with pytest.raises(ItemError, match="max_length=16"):
+        engine.encode(Item(text="a b c d e f g h i j k l m n o p q r s t"))
