@@ -18,8 +18,11 @@ def test_client_and_adapters_import_without_torch_or_server() -> None:
     code = (
         "import sys\n"
         f"for name in {HEAVY!r}: sys.modules[name] = None\n"
-        "import client\n"
+        "import client, client.trl, client.verl\n"
         "from client import HydraClient, AsyncHydraClient\n"
+        "from client.trl import HydraReward, reward\n"
+        "from client.verl import compute_score, compute_score_async, compute_score_batch\n"
+        "import pickle; pickle.loads(pickle.dumps(HydraReward('http://127.0.0.1:1')))\n"
         f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} and sys.modules[m] is not None)\n"
         "assert not loaded, loaded\n"
         "print('ok')\n"
@@ -48,5 +51,5 @@ def test_client_distribution_requires_only_httpx(tmp_path: Path) -> None:
         line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")
     ]
     assert requires == ["httpx>=0.27"]
-    assert {"client/__init__.py", "client/_client.py", "client/results.py"} <= names
+    assert {"client/__init__.py", "client/_client.py", "client/trl.py", "client/verl.py"} <= names
     assert not any(n.startswith(("service/", "kernels/", "model_store/", "training/")) for n in names)
