@@ -86,26 +86,19 @@ class RayScoreJob(ScoreJob):
         output_path: Path,
         errors_path: Path | None = None,
         *,
-        aggregation: str | None = None,
-        uwo_lambda: float | None = None,
-        chunk_size: int = 512,
         actors: int = 2,
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
+        **job_kwargs: Any,
     ) -> None:
-        super().__init__(
-            build_engine(settings),
-            input_path,
-            output_path,
-            errors_path,
-            aggregation=aggregation,
-            uwo_lambda=uwo_lambda,
-            chunk_size=chunk_size,
-        )
+        """`job_kwargs` (aggregation, chunk_size, ...) are ScoreJob's own, passed as they are to the
+        driver's job and to every actor's, so the two always agree on what a record is."""
+        super().__init__(build_engine(settings), input_path, output_path, errors_path, **job_kwargs)
         self.settings = settings
         self.actors = actors
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
+        self._job_kwargs = job_kwargs
         self._results: Iterator[dict[str, Any]] | None = None
 
     def _job_args(self) -> dict[str, Any]:
@@ -113,9 +106,7 @@ class RayScoreJob(ScoreJob):
             "input_path": self.input,
             "output_path": self.output,
             "errors_path": self.errors,
-            "aggregation": self.aggregation,
-            "uwo_lambda": self.uwo_lambda,
-            "chunk_size": self.chunk_size,
+            **self._job_kwargs,
         }
 
     def run(self, *, restart: bool = False, progress_bar: bool = True) -> JobResult:
