@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -78,8 +79,6 @@ class _Base:
     ) -> None:
         """`timeout` is per request and defaults above the server's own 150 s deadline, so the server's
         504 (retried) normally comes first; `retries` counts attempts after the first, across replicas."""
-        import random
-
         if retries < 0 or concurrency < 1:
             raise ValueError("retries must be >= 0 and concurrency >= 1")
         self.urls = parse_urls(urls)
@@ -136,7 +135,7 @@ class _Base:
             raise HydraUnavailable(
                 f"no hydra-rm replica answered after {attempt} attempts ({', '.join(self.urls)})", error
             ) from error
-        _, wait = self.pool.pick()  # peek: 0 when another replica is live (failover without waiting)
+        wait = self.pool.wait_time()  # 0 when another replica is live (failover without waiting)
         self.on_retry(replica.url, error, attempt, min(wait, cooldown))
 
     @staticmethod

@@ -164,6 +164,12 @@ class ReplicaPool:
             r = min(self.replicas, key=lambda x: x.down_until)
             return r, r.down_until - now
 
+    def wait_time(self, now: float | None = None) -> float:
+        """How long until some replica may be tried (0 if one is live); does not move the rotation."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return max(0.0, min(r.down_until for r in self.replicas) - now)
+
     def succeeded(self, replica: Replica) -> None:
         with self._lock:
             replica.failures = 0

@@ -93,6 +93,7 @@ def test_pool_all_down_waits_for_the_first_to_come_back() -> None:
     pool = ReplicaPool(["http://a", "http://b"], Backoff(base=1.0, cap=8.0))
     pool.failed(pool.replicas[0], retry_after=3.0, now=0)
     pool.failed(pool.replicas[1], retry_after=2.0, now=0)
+    assert pool.wait_time(now=0.5) == pytest.approx(1.5)
     replica, wait = pool.pick(now=0.5)
     assert replica.url == "http://b" and wait == pytest.approx(1.5)
     pool.succeeded(pool.replicas[0])
