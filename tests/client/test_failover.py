@@ -83,8 +83,10 @@ async def test_two_servers_one_stopped_keep_answering(tiny_engine):
     a, b = first.__enter__(), second.__enter__()
     try:
         retries: list[str] = []
+        # A dead replica cools down 1-2 s after its first failure and 2-4 s after its second, longer
+        # than the rounds below take: so it is tried at most twice, never on every request.
         async with AsyncHydraClient(
-            [a.url, b.url], concurrency=2, on_retry=lambda u, *_: retries.append(u)
+            [a.url, b.url], concurrency=2, backoff_base=2.0, on_retry=lambda u, *_: retries.append(u)
         ) as rm:
             items = texts(64, "two")
             assert_matches(await rm.score(items), reference(tiny_engine, items))
@@ -99,6 +101,6 @@ async def test_two_servers_one_stopped_keep_answering(tiny_engine):
                 assert_matches(await rm.score(items), reference(tiny_engine, items))
             assert b.metric("hydra_rm_requests_total", {"endpoint": "/v1/score"}) - before_b >= 12
             assert retries and set(retries) == {a.url}
-            assert len(retries) <= 3  # a dead replica is skipped while it cools down, not hit every time
+            assert len(retries) <= 2  # skipped while it cools down, not hit on each of the 12 requests
     finally:
         second.__exit__(None, None, None)
