@@ -237,3 +237,110 @@ def main() -> None:  # pragma: no cover - console entry point
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# -- Ray (service/ray_serve.py, service/ray_jobs.py); `pip install ray[serve,data]` --------------------
+def _ray_init(address: str | None) -> None:
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError as e:
+        raise _fail("Ray is not installed: pip install 'ray[serve,data]'") from e
+    ray.init(address=address, ignore_reinit_error=True)
+
+
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)."),
+]
+NumGpusOpt = Annotated[
+    float | None, typer.Option(help="GPUs per replica/actor (default: 1 when the cluster has GPUs, else 0).")
+]
+
+
+@app.command("score-ray")
+def score_ray(
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL, as for `hydra-rm score`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL of rewards, in input order.")],
+    model: Annotated[str | None, typer.Option(help="Model spec (default: the embedded default).")] = None,
+    errors: Annotated[
+        Path | None, typer.Option(help="Bad lines go here (default: <output stem>.errors.jsonl).")
+    ] = None,
+    aggregation: Annotated[str | None, typer.Option(help="min, mean, max, uwo or head:<i>.")] = None,
+    uwo_lambda: Annotated[float | None, typer.Option(help="lambda for uwo.")] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Lines per checkpoint and per Ray task.")] = 512,
+    actors: Annotated[int, typer.Option(min=1, help="Engines in the Ray Data actor pool.")] = 2,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per actor.")] = 1.0,
+    num_gpus: NumGpusOpt = None,
+    address: RayAddressOpt = None,
+    restart: Annotated[bool, typer.Option(help="Ignore earlier progress and overwrite the output.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with items/s.")] = True,
+    store: StoreOpt = None,
+) -> None:
+    """`score` on a Ray cluster: Ray Data actors score the chunks; same output, order, errors and resume."""
+    _quiet_hf()
+    from model_store import ModelStoreError
+    from service.jobs import JobError
+
+    _ray_init(address)
+    from service.ray_jobs import RayScoreJob
+
+    try:
+        job = RayScoreJob(
+            _settings(model=model, store_root=store),
+            input,
+            output,
+            errors,
+            aggregation=aggregation,
+            uwo_lambda=uwo_lambda,
+            chunk_size=chunk_size,
+            actors=actors,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        result = job.run(restart=restart, progress_bar=progress)
+    except (JobError, ModelStoreError, ValueError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(
+        f"scored {result.scored} items, {result.errors} errors (-> {job.errors}), "
+        f"{result.skipped} lines resumed from an earlier run; output: {output}"
+    )
+
+
+@app.command("serve-ray")
+def serve_ray(
+    replicas: Annotated[int, typer.Option(min=1, help="Serve replicas (one engine each).")] = 1,
+    host: Annotated[str | None, typer.Option(help="Serve HTTP address (default: $HYDRA_RM_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Serve HTTP port (default: $HYDRA_RM_PORT).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model spec (default: the embedded default).")] = None,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per replica.")] = 1.0,
+    num_gpus: NumGpusOpt = None,
+    address: RayAddressOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Serve the same HTTP API from N Ray Serve replicas (blocks until interrupted)."""
+    _quiet_hf()
+    _ray_init(address)
+    from service import ray_serve
+
+    url = ray_serve.run(
+        _settings(model=model, store_root=store),
+        replicas=replicas,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        host=host,
+        port=port,
+        blocking=False,
+    )
+    typer.echo(f"hydra-rm on Ray Serve: {url} ({replicas} replicas); Ctrl-C to stop")
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
