@@ -289,12 +289,10 @@ def score_ray(
 
     try:
         job = RayScoreJob(
-            _settings(model=model, store_root=store),
+            _settings(model=model, store_root=store, aggregation=aggregation, uwo_lambda=uwo_lambda),
             input,
             output,
             errors,
-            aggregation=aggregation,
-            uwo_lambda=uwo_lambda,
             chunk_size=chunk_size,
             actors=actors,
             num_cpus=num_cpus,

@@ -93,7 +93,10 @@ class RayScoreJob(ScoreJob):
     ) -> None:
         """`job_kwargs` (aggregation, chunk_size, ...) are ScoreJob's own, passed as they are to the
         driver's job and to every actor's, so the two always agree on what a record is."""
-        super().__init__(build_engine(settings), input_path, output_path, errors_path, **job_kwargs)
+        engine = build_engine(settings)
+        # Resolved once here (settings over the manifest, as `score` does) and shipped to every actor.
+        job_kwargs.setdefault("aggregation", settings.resolved_aggregation(engine.manifest))
+        super().__init__(engine, input_path, output_path, errors_path, **job_kwargs)
         self.settings = settings
         self.actors = actors
         self.num_cpus = num_cpus

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from service.aggregation import aggregate
+from model_store.aggregation import Aggregation
+from model_store.tokenization import Item
 from service.settings import Settings
 from tests.service.conftest import Live, live_server
 
@@ -23,11 +24,10 @@ def texts(n: int, tag: str = "t") -> list[str]:
 
 def reference(engine: Any, items: Sequence[Any], aggregation: str = "min") -> list[dict[str, Any]]:
     """What the in-process engine says for the same items (the client must agree to 1e-5)."""
+    agg = Aggregation.parse(aggregation, engine.num_heads, engine.manifest.uwo_lambda)
     out = []
-    for s in engine.score([{"text": it} if isinstance(it, str) else it for it in items]):
-        out.append(
-            {"reward": aggregate(s, aggregation, engine.manifest.uwo_lambda), "heads": list(s.rewards)}
-        )
+    for s in engine.score([Item(text=it) if isinstance(it, str) else Item(**it) for it in items]):
+        out.append({"reward": agg.apply(s), "heads": list(s.rewards)})
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from model_store.aggregation import Aggregation
 from service.jobs import ScoreJob
 from tests.client.conftest import texts
 from tests.ray.conftest import time_limit
@@ -56,7 +57,8 @@ def test_score_ray_matches_the_local_job_in_order_with_errors(
     """Two actors (which Ray Data would reorder without preserve_order), chunks of 7 lines, bad lines."""
     src = tmp_path / "in.jsonl"
     _write_input(src)
-    local = ScoreJob(tiny_engine, src, tmp_path / "local.jsonl", aggregation="mean", chunk_size=7)
+    mean = Aggregation.parse("mean", tiny_engine.num_heads)
+    local = ScoreJob(tiny_engine, src, tmp_path / "local.jsonl", aggregation=mean, chunk_size=7)
     assert (local.run(progress_bar=False).scored, local.errors.name) == (45, "local.errors.jsonl")
     output = _score_ray(src, tmp_path / "ray.jsonl", tiny_llama_dir, tmp_path / "store")
     assert "scored 45 items, 5 errors" in output
