@@ -35,7 +35,9 @@ def test_percentile_of_reference_items_is_close_to_their_rank():
     q = fit_quantiles(xs.tolist())
     ranks = 100.0 * (np.argsort(np.argsort(xs)) / (len(xs) - 1))
     got = np.array([std_percentile(float(x), q) for x in xs])
-    assert np.abs(got - ranks).max() < 3.0  # interpolating between 13 stored quantiles
+    err = np.abs(got - ranks)  # interpolating linearly between 13 stored quantiles of a skewed law
+    assert err.max() < 4.0 and err.mean() < 1.5
+    assert np.all(np.diff(got[np.argsort(xs)]) >= 0)  # monotone in the std
 
 
 def test_quantiles_validate_and_live_in_the_manifest():
