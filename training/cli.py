@@ -112,6 +112,8 @@ def train(
             result = trainer.run(resume=resume)
         except (ModelStoreError, ValueError) as e:
             raise _fail(str(e)) from e
+        if not result.is_main_process:
+            continue
         if not result.finished:
             typer.echo(f"stopped at step {len(result.history)} (--max-steps); resume with --resume")
             return

@@ -66,6 +66,7 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     finished: bool = True  # False when max_steps stopped the run early
+    is_main_process: bool = True  # under `accelerate launch`, only the main process publishes
 
 
 def split_reference(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -248,7 +249,9 @@ class Trainer:
         train_seconds = time.perf_counter() - t0
         acc.wait_for_everyone()
         fwd_plain: RewardForward = acc.unwrap_model(fwd)
-        return self._finish(fwd_plain, history, train_seconds, finished=not stopped)
+        result = self._finish(fwd_plain, history, train_seconds, finished=not stopped)
+        result.is_main_process = acc.is_main_process
+        return result
 
     def _collate(self, idxs: list[int]) -> dict[str, torch.Tensor]:
         rows = [self.train_enc[i][0] for i in idxs] + [self.train_enc[i][1] for i in idxs]
