@@ -178,6 +178,21 @@ def overopt(
         typer.echo(f"wrote {p}")
 
 
+@experiment_app.command("toydata")
+def toydata(
+    out: Annotated[Path, typer.Option(help="JSONL of {prompt, chosen, rejected} to write.")],
+    pairs: Annotated[int, typer.Option(min=1)] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+    noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of labels flipped.")] = 0.25,
+) -> None:
+    """The experiment's offline review preference pairs (gold = VADER), for training or eval."""
+    from training.data import write_pairs
+    from training.toydata import preference_rows
+
+    write_pairs(out, preference_rows(pairs, seed, noise=noise))
+    typer.echo(f"wrote {pairs} pairs to {out}")
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hydra-rm training commands.")
 app.command("train")(train)
 app.command("eval")(eval_)

@@ -156,11 +156,12 @@ def evaluate_model(
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"model {report['model']}  pairs {report['pairs']}  uwo lambda {report['uwo_lambda']}"]
-    lines.append(f"{'':16s} {'accuracy':>9s} {'ECE':>7s}")
+    w = max(16, *(len(n) + 5 for n in report["accuracy_per_head"]))
+    lines.append(f"{'':{w}s} {'accuracy':>9s} {'ECE':>7s}")
     for n, a in report["accuracy_per_head"].items():
-        lines.append(f"{'head ' + n:16s} {a:9.4f} {report['ece_per_head'][n]:7.4f}")
+        lines.append(f"{'head ' + n:{w}s} {a:9.4f} {report['ece_per_head'][n]:7.4f}")
     for a, v in report["accuracy"].items():
-        lines.append(f"{a:16s} {v:9.4f} {report['ece'][a]:7.4f}")
+        lines.append(f"{a:{w}s} {v:9.4f} {report['ece'][a]:7.4f}")
     for name, rel in report["reliability"].items():
         lines.append(f"ECE of {name:9s} of per-head probabilities: {rel['ece']:.4f}")
     hc, au = report.get("head_correlation"), report.get("disagreement_auroc_misranked")
