@@ -13,6 +13,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,9 @@ def wordpiece(texts: list[str], vocab_size: int = 2000) -> Any:
     )  # fmt: skip
 
 
+@lru_cache(maxsize=1)
 def proxy_tokenizer() -> Any:
+    """Built once per process (~2 s): the experiment and the tests share it; callers must not mutate it."""
     gen = Generator(TOKENIZER_SEED)
     texts = [gen.response(i % 64) for i in range(20_000)] + prompts()
     return wordpiece(texts)
