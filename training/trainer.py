@@ -206,10 +206,13 @@ class Trainer:
             ).tolist()
             batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
             skip = state["batches_done"] if epoch == state["epoch"] else 0
-            # Batches are whole lists of pair indices; resuming drops those already consumed (per process).
+            # Each dataset element is a whole batch of pair indices (so accelerate shards whole batches
+            # across processes); resuming drops those already consumed by every process.
             dl = acc.prepare_data_loader(
                 torch.utils.data.DataLoader(
-                    batches[skip * acc.num_processes :], batch_size=None, collate_fn=self._collate
+                    batches[skip * acc.num_processes :],
+                    batch_size=1,
+                    collate_fn=lambda xs: self._collate(xs[0]),
                 )
             )
             fwd.train()
