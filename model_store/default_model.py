@@ -1,4 +1,4 @@
-"""The embedded default model: a small trained K=4 reward model that ships in the repo (~2.5 MB).
+"""The embedded default model: a small trained K=4 reward model that ships in the repo (~1.8 MB).
 
 A Llama-style decoder (hidden 128, 2 layers) with a byte-level BPE tokenizer and a chat template, so
 `hydra-rm serve` works on a fresh machine with no network. Its four heads are review-sentiment reward
