@@ -32,7 +32,13 @@ def sha256_path(path: Path) -> str:
 
 
 def _is_messages(x: Any) -> bool:
-    return isinstance(x, list) and all(isinstance(m, dict) for m in x)
+    """A non-empty list of {role, content} string pairs (the tokenizer trusts items it is given)."""
+    return (
+        isinstance(x, list)
+        and bool(x)
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in x)
+    )  # fmt: skip
 
 
 def to_item(prompt: Any, response: Any, where: str) -> dict[str, Any]:

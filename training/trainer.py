@@ -20,11 +20,11 @@ import torch
 from model_store.manifest import HeadNormalization, RewardManifest
 from model_store.store import ModelStore
 from model_store.uncertainty import fit_quantiles
-from training.data import Pair
+from training.data import DataError, Pair
 from training.diversity import head_weights
 from training.loss import multihead_bt_loss
 from training.model import Loaded, Mode, RewardForward, load_base, param_groups
-from training.tokens import Encoded, ItemTokenizer
+from training.tokens import Encoded, ItemTokenizer, item_error_types
 
 
 @dataclass
@@ -163,11 +163,17 @@ class Trainer:
             self.ref_pairs = [pairs[i] for i in ref_idx]
         else:
             self.train_pairs, self.ref_pairs = list(pairs), list(reference)
-        self.train_enc = [(self.tok.encode(p.chosen), self.tok.encode(p.rejected)) for p in self.train_pairs]
+        self.train_enc = [self._encode_pair(i, p) for i, p in enumerate(self.train_pairs)]
         self.weights = head_weights(cfg.diversity, len(self.train_pairs), cfg.heads, cfg.seed)
         self.weight_means = self.weights.mean(0)
         if (self.weight_means == 0).any():
             raise ValueError(f"diversity={cfg.diversity} left a head with no training pairs; add data")
+
+    def _encode_pair(self, i: int, pair: Pair) -> tuple[Encoded, Encoded]:
+        try:
+            return self.tok.encode(pair.chosen), self.tok.encode(pair.rejected)
+        except item_error_types() as e:
+            raise DataError(f"training pair {i}: {e} (field {getattr(e, 'field', 'item')})") from e
 
     # -- the loop ----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainResult:

@@ -209,3 +209,18 @@ def test_real_minilm_trains(store, tmp_path):
     res = tr.run()
     assert res.history[-1]["loss"] < res.history[0]["loss"]
     assert res.manifest.pooling == "auto" and res.model.config.num_labels == 2
+
+
+def test_an_item_the_tokenizer_rejects_names_its_pair(toy_base, store, tmp_path):
+    import shutil
+
+    from model_store.manifest import RewardManifest
+    from training.data import Pair
+
+    base = Path(shutil.copytree(toy_base, tmp_path / "base"))
+    RewardManifest.default_for(1, max_length=16, truncation_side="reject").write(base)
+    pairs = [Pair({"text": "fine"}, {"text": "bad"})] * 3 + [Pair({"text": "word " * 50}, {"text": "ok"})]
+    with pytest.raises(
+        DataError, match=r"training pair \d+: item has \d+ tokens, over max_length=16.*field text"
+    ):
+        Trainer(_cfg(reference_fraction=0.01), pairs, str(base), store, reference=pairs[:1])
