@@ -11,11 +11,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_store.aggregation import Aggregation
+from model_store.uncertainty import DisagreementQuantiles
 
 MANIFEST_NAME = "reward_heads.json"
 FORMAT_VERSION = 1
@@ -57,6 +58,10 @@ class RewardManifest(BaseModel):
     truncation_side: TruncationSide = "left"
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256 hex")
     description: str = ""
+    # Written by `hydra-rm train` (training/): head std quantiles on the reference split, and where
+    # the model came from (data sha256, base, arguments, seed, library versions, held-out metrics).
+    disagreement: DisagreementQuantiles | None = None
+    provenance: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardManifest:

@@ -342,3 +342,32 @@ def serve_ray(
         from ray import serve
 
         serve.shutdown()
+
+
+# Training, evaluation and experiments live in training/ (torch training stack, accelerate, peft):
+# these wrappers import it only when one of its commands runs, so serving never imports training.
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("train", context_settings=_PASS_THROUGH, add_help_option=False)
+def train_cmd(ctx: typer.Context) -> None:
+    """Train K Bradley-Terry reward heads on a shared encoder (`hydra-rm train --help`)."""
+    from training.cli import run
+
+    run(["train", *ctx.args])
+
+
+@app.command("eval", context_settings=_PASS_THROUGH, add_help_option=False)
+def eval_cmd(ctx: typer.Context) -> None:
+    """Evaluate a reward model on preference pairs: accuracy, calibration, disagreement (`--help`)."""
+    from training.cli import run
+
+    run(["eval", *ctx.args])
+
+
+@app.command("experiment", context_settings=_PASS_THROUGH, add_help_option=False)
+def experiment_cmd(ctx: typer.Context) -> None:
+    """Offline experiments, e.g. `hydra-rm experiment overopt --out docs/experiments/` (`--help`)."""
+    from training.cli import run
+
+    run(["experiment", *ctx.args])

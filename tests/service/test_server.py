@@ -127,7 +127,12 @@ def test_serve_with_no_model_serves_the_embedded_default(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert card["id"] == "hydra-default"
-    assert card["head_names"] == ["helpful", "harmless", "honest", "concise"]
+    assert card["head_names"] == [
+        "review_sentiment_1",
+        "review_sentiment_2",
+        "review_sentiment_3",
+        "review_sentiment_4",
+    ]
     assert scored.status_code == 200
     body = scored.json()
     assert body["model"] == "hydra-default" and body["head_names"] == card["head_names"]
