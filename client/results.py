@@ -92,6 +92,9 @@ class Score:
     std: float  # head disagreement: population std across heads
     tokens: int
     truncated: bool
+    # Percentile (0-100) of `std` among the model's reference-split stds; None when the model has no
+    # stored quantiles (or the server predates the field).
+    std_percentile: float | None = None
 
 
 class ScoreList(list):  # list[Score | None]
@@ -182,6 +185,7 @@ def _parse_result(raw: Any, names: list[str], where: str) -> Score:
         std=_num(r, "std", where),
         tokens=_int(r, "tokens", where),
         truncated=truncated,
+        std_percentile=_num(r, "std_percentile", where) if r.get("std_percentile") is not None else None,
     )
     if not math.isfinite(score.reward):
         raise ProtocolError(f"{where}.reward: not a finite number ({score.reward})")

@@ -24,6 +24,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from model_store.aggregation import Aggregation, resolve_aggregation
+from model_store.uncertainty import std_percentile
 from service.batching import forward_isolating
 from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import validation_message
@@ -71,6 +72,8 @@ def model_fingerprint(engine: ScoringEngine) -> str:
         "truncation_side": engine.truncation_side,
         "normalization": rm.manifest.normalization.model_dump() if rm.manifest.normalization else None,
         "dtype": str(engine.weight.dtype),
+        # Rows carry std_percentile: other quantiles, other rows.
+        "disagreement": rm.manifest.disagreement.model_dump() if rm.manifest.disagreement else None,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -298,6 +301,7 @@ class ScoreJob:
             aggregation=self.aggregation.name,
             heads=dict(zip(self.engine.head_names, s.rewards, strict=True)),  # same key as /v1/score
             **s.summary(),
+            std_percentile=std_percentile(s.std, self.engine.manifest.disagreement),  # as /v1/score
         )
         return rec
 

@@ -103,6 +103,9 @@ class Metrics:
             "hydra_rm_tokens_per_second", "Real tokens per second of inference, last batch.", registry=r
         )
         self.items = Counter("hydra_rm_items_scored", "Items scored.", registry=r)
+        # hydra_rm_items_above_reference_p95: registered by set_reference_p95 once the model is known.
+        self.above_reference_p95: Counter | None = None
+        self._reference_p95: float | None = None
         self.truncated = Counter("hydra_rm_truncated_items", "Items cut to max_length.", registry=r)
         self.batch_failures = Counter(
             "hydra_rm_batch_failures", "Encoder batches that raised (then split to isolate).", registry=r
@@ -137,6 +140,21 @@ class Metrics:
             "Scoring requests whose body has arrived, not yet queued (validation, tokenization).",
             registry=r,
         )
+
+    def set_reference_p95(self, p95: float | None) -> None:
+        """Count items above the model's reference p95 of head std (the dashboard's drift share).
+
+        Registered only for models with stored quantiles: a 0 share for a model that cannot know
+        would read as "no drift", so without them the series is absent and the panel says no data.
+        """
+        self._reference_p95 = p95
+        if p95 is not None and self.above_reference_p95 is None:
+            self.above_reference_p95 = Counter(
+                "hydra_rm_items_above_reference_p95",
+                "Items whose head std is above the model's reference-split p95 (about 5% of items on "
+                "data like the reference; a larger share is drift).",
+                registry=self.registry,
+            )
 
     def track_arrivals(self, count: Callable[[], float]) -> None:
         """Read at scrape time from the service's flow control (service/middleware.py: Arrivals)."""
@@ -174,6 +192,9 @@ class Metrics:
             truncated += s.truncated
         if truncated:
             self.truncated.inc(truncated)
+        p95, above = self._reference_p95, self.above_reference_p95
+        if p95 is not None and above is not None:
+            above.inc(sum(s.std > p95 for s in scores))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from model_store.tokenization import Item
+from model_store.uncertainty import DisagreementQuantiles
 
 # Placed by ScoreItem's pre-check where one half of prompt+response is missing, so the error names
 # the missing field itself (`items[0].response`), not just the item.
@@ -140,6 +141,12 @@ class ScoreResult(BaseModel):
     std: float = Field(description="Head disagreement: population std across heads.")
     tokens: int = Field(description="Tokens scored (after truncation).")
     truncated: bool
+    std_percentile: float | None = Field(
+        default=None,
+        description="Percentile (0-100) of `std` among the model's reference-split stds, stored at "
+        "training time; above 95 means more disagreement than 95% of what the model was fitted on. "
+        "Null for models without stored quantiles.",
+    )
 
 
 class Usage(BaseModel):
@@ -173,7 +180,8 @@ class GetRewardResponse(BaseModel):
     scores: list[float] = Field(description="Same as `rewards` (OpenRLHF reads either).")
     extra_logs: dict[str, list[float]] = Field(
         description="Per-query values OpenRLHF logs: `reward_std`, `reward_min`, `reward_mean`, "
-        "`reward_max` and one key per head name."
+        "`reward_max`, one key per head name, and `std_percentile` (percentile of `reward_std` among "
+        "the reference split's stds) only for models with stored quantiles."
     )
 
 
@@ -194,6 +202,11 @@ class ModelCard(BaseModel):
     device: str
     token_budget: int
     max_batch_size: int
+    disagreement: DisagreementQuantiles | None = Field(
+        default=None,
+        description="Quantiles of the head std on the reference split (what `std_percentile` is "
+        "measured against); null for models without.",
+    )
 
 
 class ModelList(BaseModel):

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from model_store.aggregation import Aggregation
+from model_store.uncertainty import DisagreementQuantiles, std_percentile
 from service.batcher import Batcher
 from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
@@ -50,6 +51,8 @@ class ScoringService:
         self.arrivals = arrivals or Arrivals()
         self.aggregation = settings.resolved_aggregation(engine.manifest)
         self.head_names = engine.head_names
+        # The reference-split std quantiles stored at training time (None: percentiles are null).
+        self.quantiles: DisagreementQuantiles | None = engine.manifest.disagreement
         self.batcher = Batcher(
             engine.forward,
             engine.policy,
@@ -82,6 +85,7 @@ class ScoringService:
         self.tokenizer.start()
         self.batcher.start()
         self.metrics.set_heads(self.head_names)
+        self.metrics.set_reference_p95(self.quantiles.p95 if self.quantiles is not None else None)
         self.metrics.track_queue(lambda: self.batcher.queued_items, lambda: self.batcher.queued_tokens)
         info = self.engine.describe()
         self.metrics.model_info.labels(
@@ -209,9 +213,14 @@ class ScoringService:
             f"({self.batcher.queued_items} items still queued); the server is overloaded"
         )
 
+    def std_percentile(self, std: float) -> float | None:
+        """Where `std` falls among the reference split's stds (0-100); None without quantiles."""
+        return std_percentile(std, self.quantiles)
+
     def describe(self) -> dict[str, Any]:
         return {
             **self.engine.describe(),
+            "disagreement": self.quantiles,
             "default_aggregation": self.aggregation.name,
             "uwo_lambda": self.aggregation.uwo_lambda,
             "token_budget": self.engine.policy.token_budget,

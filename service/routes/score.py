@@ -22,7 +22,7 @@ from service.runtime import ScoringService
 
 router = APIRouter(tags=["scoring"])
 
-_STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max")
+_STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max", "std_percentile")
 
 
 @router.post(
@@ -40,6 +40,7 @@ async def score(
         ScoreResult(
             reward=agg.apply(s),
             heads=list(s.rewards) if body.return_heads else None,
+            std_percentile=service.std_percentile(s.std),
             **s.summary(),
         )
         for s in scores
@@ -67,7 +68,8 @@ async def score(
     summary="OpenRLHF remote reward model: `--remote_rm_url http://host:port/get_reward`.",
     description="Request `{query: [full prompt+response text, ...], prompts?, labels?}`; response "
     "`{rewards, scores, extra_logs}` in input order, aggregated per the server setting (min by default). "
-    "`extra_logs` holds one number per query for each key, as OpenRLHF logs them per sample.",
+    "`extra_logs` holds one number per query for each key, as OpenRLHF logs them per sample; "
+    "`std_percentile` is there only for models with stored disagreement quantiles.",
 )
 async def get_reward(
     body: GetRewardRequest, request: Request, service: ScoringService = Depends(get_service)
@@ -85,4 +87,8 @@ async def get_reward(
     for k, name in enumerate(service.head_names):
         key = name if name not in _STAT_KEYS else f"head_{name}"
         logs[key] = [s.rewards[k] for s in scores]
+    if service.quantiles is not None:  # OpenRLHF logs every key as a number per sample: omit, never null
+        pct = [service.std_percentile(s.std) for s in scores]
+        if all(p is not None for p in pct):
+            logs["std_percentile"] = [p for p in pct if p is not None]
     return GetRewardResponse(rewards=rewards, scores=rewards, extra_logs=logs)
