@@ -54,6 +54,16 @@ def test_parses_what_the_server_models_serialise() -> None:
     assert parse_error(502, "<html>bad gateway</html>", None, None).type == "http_error"
 
 
+def test_std_percentile_is_parsed_and_optional() -> None:
+    body = _server_body()
+    assert body["results"][0]["std_percentile"] is None  # the server sends null for models without
+    body["results"][1]["std_percentile"] = 97.5
+    parsed = parse_score_response(body, expected=2)
+    assert [r.std_percentile for r in parsed.results] == [None, 97.5]
+    del body["results"][1]["std_percentile"]  # an older server: no field at all
+    assert parse_score_response(body, expected=2).results[1].std_percentile is None
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [
@@ -62,6 +72,7 @@ def test_parses_what_the_server_models_serialise() -> None:
         (lambda b: b["results"][0].update(heads=[1.0]), r"results\[0\]\.heads"),
         (lambda b: b["results"][0].update(tokens="7"), "tokens"),
         (lambda b: b["results"][0].update(truncated=0), "truncated"),
+        (lambda b: b["results"][0].update(std_percentile="97"), "std_percentile"),
         (lambda b: b.update(head_names=None), "head_names"),
     ],
 )
