@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -39,35 +38,9 @@ def assert_matches(results: Sequence[Any], expected: Sequence[dict[str, Any]], t
         assert max(abs(a - b) for a, b in zip(r.heads.values(), e["heads"], strict=True)) <= tol, i
 
 
-@contextmanager
-def live_on_port(port: int, settings: Settings, engine: Any) -> Iterator[Live]:
+def live_on_port(port: int, settings: Settings, engine: Any) -> Any:
     """tests/service/conftest.py's live_server, on a given port (a replica coming back where it was)."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    from service.app import create_app
-    from service.server import HydraServer
-
-    app = create_app(settings, engine=engine)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    server = HydraServer(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("test server failed to start")
-        time.sleep(0.01)
-    try:
-        yield Live(f"http://127.0.0.1:{port}", app, server)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    return live_server(settings, engine, port=port)
 
 
 @pytest.fixture(scope="module")

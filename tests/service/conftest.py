@@ -54,12 +54,14 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 
 @contextmanager
-def live_server(settings: Settings | None = None, engine: Any = None) -> Iterator[Live]:
+def live_server(settings: Settings | None = None, engine: Any = None, port: int = 0) -> Iterator[Live]:
+    """A real uvicorn server in a thread; `port` 0 picks a free one (a given port lets a test bring a
+    replica back where it was)."""
     settings = settings or Settings()
     app = create_app(settings, engine=engine)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,
