@@ -361,10 +361,10 @@ def main() -> None:
     items = args.items or (16 if args.small else 512)
     prompts = args.prompts or (2 if args.small else 48)
     repeats = args.repeats or (1 if args.small else 2)
-    # Word ranges chosen for ~1.3 tokens/word with the local tokenizer: mixed 20-600 tokens,
-    # GRPO prompts ~300-800 and responses ~20-300 tokens (the GRPO shape).
+    # Word ranges for the local tokenizer's ~2.4 tokens per word (measured on these words): mixed
+    # items ~25-900 tokens, GRPO prompts ~300-800 and responses ~20-300 tokens (the shape).
     mixed_range, p_words, r_words = (
-        ((5, 40), (10, 30), (2, 10)) if args.small else ((15, 450), (230, 600), (15, 230))
+        ((5, 40), (10, 30), (2, 10)) if args.small else ((8, 300), (125, 330), (8, 125))
     )
     group = 4 if args.small else 8
 

@@ -53,3 +53,27 @@ def test_loader_chooses_sdpa_where_the_architecture_has_it(tiny_llama_dir: Path,
     assert rm.model.config._attn_implementation == "sdpa"
     assert rm.info["attn_implementation"] == "sdpa"
     assert any("sdpa attention" in r.getMessage() for r in caplog.records)
+
+
+def test_loader_falls_back_to_eager_when_sdpa_is_unsupported(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch, caplog
+):
+    from transformers import AutoModelForSequenceClassification
+
+    real = AutoModelForSequenceClassification.from_pretrained.__func__
+    asked: list[str] = []
+
+    def no_sdpa(cls, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        asked.append(kw["attn_implementation"])
+        if kw["attn_implementation"] == "sdpa":
+            raise ValueError(
+                "X does not support an attention implementation through scaled_dot_product_attention"
+            )
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", classmethod(no_sdpa))
+    caplog.set_level("INFO", logger="model_store.loader")
+    rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path / "s"))
+    assert asked == ["sdpa", "eager"]
+    assert rm.info["attn_implementation"] == "eager"
+    assert any("eager attention" in r.getMessage() for r in caplog.records)
