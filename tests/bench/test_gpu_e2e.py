@@ -36,3 +36,24 @@ def test_gpu_e2e_small_runs_and_writes_its_table(tmp_path: Path):
     assert "GRPO prefix sharing" in text
     for ln in rows:  # every measured cell is a positive number
         assert float(ln.split("|")[6]) > 0 and float(ln.split("|")[7]) > 0
+
+
+def test_sharing_section_passes_the_option_and_counts_the_shared_prefix(tiny_engine, monkeypatch):
+    """The on/off section cannot run here until the engine has the option; its wiring can."""
+    from bench import gpu_e2e
+    from service.engine import ScoringEngine
+
+    modes: list[str] = []
+
+    class WithOption(ScoringEngine):
+        def __init__(self, rm, *, prefix_sharing: str = "auto", **kw) -> None:  # noqa: ANN001, ANN003
+            modes.append(prefix_sharing)
+            super().__init__(rm, **kw)
+
+    monkeypatch.setattr(gpu_e2e, "ScoringEngine", WithOption)
+    texts = gpu_e2e.grpo_texts(2, 3, (10, 12), (2, 4))
+    rows = gpu_e2e.prefix_sharing(tiny_engine.rm, tiny_engine.policy, texts, repeats=1)
+    assert modes == ["off", "auto"]
+    off, on = rows
+    assert off.items == on.items == 6 and off.tokens == on.tokens == off.computed
+    assert on.computed < on.tokens  # the repeated prompt is counted once per group
