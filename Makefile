@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-kernel clean
+.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-kernel bench-gpu clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,9 @@ bench-service: $(STAMP)
 
 bench-kernel: $(STAMP)
 	$(BIN)/python bench/bench_multihead_reward.py
+
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu_e2e.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

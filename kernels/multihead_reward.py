@@ -20,6 +20,7 @@ Semantics shared by both paths:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -122,7 +123,12 @@ def multihead_reward_reference(
 if triton is not None:
     # The runtime parameters carry no annotations: Triton reads them as types (`int` would force
     # 32-bit strides). ANN001 is waived for this file in pyproject.toml for that reason alone.
-    @triton.jit
+    # Per-request sizes are not specialised: Triton would otherwise compile a new variant the first
+    # time B or T equals 1 or turns 16-divisible, a stall of seconds in the middle of serving.
+    # Nothing in the kernel gains from knowing them (they only bound masks and the index check).
+    # H, K and the strides stay specialised: they are fixed per model (stride_hb = T*H is
+    # 16-divisible for every T when H is, which is what the vectorised row loads want).
+    @triton.jit(do_not_specialize=["B", "T"])
     def _multihead_reward_kernel(
         # inputs: hidden [B, T, H] (or pooled [B, H]), index [B], weight [K, H], bias [K]
         hidden_ptr, index_ptr, weight_ptr, bias_ptr,
@@ -391,38 +397,46 @@ def multihead_reward_triton(
     grid = (triton.cdiv(b, cfg["BLOCK_B"]),)
     rewards, r_min, r_max, r_mean, r_std = out
     kwargs: dict[str, Any] = dict(cfg)
-    _multihead_reward_kernel[grid](
-        hidden,
-        index,
-        weight,
-        bias,
-        rewards,
-        r_min,
-        r_max,
-        r_mean,
-        r_std,
-        b,
-        t_len,
-        h,
-        k,
-        stride_hb,
-        stride_ht,
-        stride_hh,
-        weight.stride(0),
-        weight.stride(1),
-        bias.stride(0),
-        rewards.stride(0),
-        rewards.stride(1),
-        r_min.stride(0),
-        r_max.stride(0),
-        r_mean.stride(0),
-        r_std.stride(0),
-        HAS_INDEX=has_index,
-        EVEN_H=h % cfg["BLOCK_H"] == 0,
-        DOT_PRECISION="tf32" if _tensor_core_path(hidden.dtype, weight.dtype) else "ieee",
-        **kwargs,
-    )
+    # Triton launches on the *current* CUDA device, which the service's forward thread never sets:
+    # without this, HYDRA_RM_DEVICE=cuda:1 would launch on device 0 with cuda:1 pointers.
+    with _launch_device(dev):
+        _multihead_reward_kernel[grid](
+            hidden,
+            index,
+            weight,
+            bias,
+            rewards,
+            r_min,
+            r_max,
+            r_mean,
+            r_std,
+            b,
+            t_len,
+            h,
+            k,
+            stride_hb,
+            stride_ht,
+            stride_hh,
+            weight.stride(0),
+            weight.stride(1),
+            bias.stride(0),
+            rewards.stride(0),
+            rewards.stride(1),
+            r_min.stride(0),
+            r_max.stride(0),
+            r_mean.stride(0),
+            r_std.stride(0),
+            HAS_INDEX=has_index,
+            EVEN_H=h % cfg["BLOCK_H"] == 0,
+            DOT_PRECISION="tf32" if _tensor_core_path(hidden.dtype, weight.dtype) else "ieee",
+            **kwargs,
+        )
     return out
+
+
+def _launch_device(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """`dev` as the current CUDA device for a launch (nothing to switch for CPU/interpreter tensors)."""
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 def _backend_for(hidden: torch.Tensor, weight: torch.Tensor) -> str:

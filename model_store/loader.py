@@ -126,14 +126,27 @@ def load_reward_model(
         )
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            path,
+        load_kw: dict[str, Any] = dict(
             config=config,
             dtype=dtype,
             use_safetensors=not allow_pickle or any(path.glob("*.safetensors")),
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
         )
+        # Attention chosen explicitly, never left to a library default that changes between releases:
+        # sdpa (fused flash/memory-efficient kernels on CUDA, same logits as eager within float
+        # rounding: the engine's HF-parity tests run on it) where the architecture has it, else eager.
+        try:
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, attn_implementation="sdpa", **load_kw
+            )
+        except (ValueError, ImportError) as e:
+            if "sdpa" not in str(e) and "scaled_dot_product" not in str(e):
+                raise
+            log.info("%s has no sdpa attention (%s); using eager", path, _first_line(e))
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, attn_implementation="eager", **load_kw
+            )
     except ModelStoreError:
         raise
     except Exception as e:
@@ -167,6 +180,8 @@ def load_reward_model(
         )
     model.to(device)
     model.eval()
+    attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    log.info("loaded %s (%s) on %s in %s with %s attention", name, type(model).__name__, device, dtype, attn)
     return RewardModel(
         model=model,
         tokenizer=tokenizer,
@@ -174,7 +189,11 @@ def load_reward_model(
         name=name,
         version=version,
         path=path,
-        info={"model_type": model.config.model_type, "architecture": type(model).__name__},
+        info={
+            "model_type": model.config.model_type,
+            "architecture": type(model).__name__,
+            "attn_implementation": attn,
+        },
     )
 
 

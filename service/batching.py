@@ -27,7 +27,22 @@ BatchObserver = Callable[[Sequence["EncodedItem"], Sequence["ItemScore"], float]
 # Defaults by device (bench/results/engine-cpu.md: on CPU a 1-2k token budget is best and 16k loses
 # 12%; padding 8 random-length items together costs 40%, so the CPU padding cap is tight).
 CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET = 2048, 65536
-CPU_MAX_PADDING, GPU_MAX_PADDING = 0.1, 1.0
+CPU_MAX_PADDING = 0.1
+# GPU padding cap, from arithmetic (no GPU measurement yet; bench/gpu_e2e.py is the check).
+# A decoder forward over n tokens of a model with N parameters does ~2*N*n FLOPs and reads the 2*N
+# bytes of bf16 weights once, so its arithmetic intensity is ~n FLOP/byte. It turns compute-bound
+# where n passes the GPU's FLOP/byte ridge: H100 SXM 989e12 bf16 FLOP/s / 3.35e12 B/s = ~295 tokens
+# (H100 PCIe 378, H200 206, A100-80G 153). A 7-8B reward model's batches are past that (the budget
+# plans for thousands of tokens), so every padded token costs as much as a real one:
+# 2 * 8e9 FLOP / ~700e12 FLOP/s achieved = ~23 us. Splitting a batch in two costs one more weight
+# read (16 GB / 3.35 TB/s = 4.8 ms, which is by definition the compute time of the ~295 ridge
+# tokens) plus ~1.5 ms of kernel launches (32 layers x ~10 kernels x ~5 us), ~6.3 ms = ~275 tokens'
+# compute. A split therefore pays once it saves more than ~300 padded tokens. With a padding share
+# p of R real tokens wasting p*R tokens, p = 0.25 makes that break-even at R = 1,200 real tokens, a
+# small GPU batch (4 GRPO items of ~300 tokens); larger batches would pay to split at lower p, but
+# a window's items are length-sorted first, so what the cap still cuts is the few long-vs-short
+# boundaries where p is large. 1.0 (the old default) let a batch compute twice its real tokens.
+GPU_MAX_PADDING = 0.25
 
 
 @dataclass(frozen=True)
@@ -102,7 +117,8 @@ def split_by_padding(batch: Sequence[int], lengths: Sequence[int], max_padding: 
     plan_batches caps padded tokens per batch; this also caps the waste. On CPU compute is linear
     in padded tokens and batching buys little (hidden 256: a window of 8 random single items padded
     together runs at 45 items/s, capped at 10% padding at 71, one at a time 74), so the CPU default
-    is tight; on GPU padding is nearly free until the batch is compute-bound.
+    is tight. On GPU a 7-8B model's batch is compute-bound past ~300 tokens, so padding costs
+    FLOPs there too (GPU_MAX_PADDING above has the arithmetic).
     """
     out: list[list[int]] = []
     current: list[int] = []

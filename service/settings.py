@@ -62,7 +62,8 @@ class Settings(BaseSettings):
         ge=0.0,
         description="Most padding a service batch may carry, as a share of its real tokens (batches are "
         "split beyond it). Default 0.1 on CPU, where compute is linear in padded tokens (measured: "
-        "padding 8 random-length items together costs 40%), 1.0 on CUDA.",
+        "padding 8 random-length items together costs 40%), 0.25 on CUDA, where a 7-8B model is compute-bound "
+        "past ~300 tokens per batch (the arithmetic is at GPU_MAX_PADDING in service/batching.py).",
     )
     max_wait_ms: float = Field(
         default=2.0,
