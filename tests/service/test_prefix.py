@@ -1,0 +1,344 @@
+"""Shared-prefix scoring must not change a reward: sharing on == sharing off == HF's own logits."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification
+
+from model_store import ModelStore
+from model_store.default_model import corpus_path, train_tokenizer
+from model_store.loader import load_reward_model
+from model_store.manifest import RewardManifest
+from service.engine import EncodedItem, Item, ScoringEngine
+from service.prefix import PrefixGroup, PrefixScorer, is_causal_decoder, plan_prefix_groups
+
+ATOL = 1e-5
+
+
+def _build(dest: Path, arch: str, *, hidden: int = 32, layers: int = 2, k: int = 4) -> Path:
+    """Tiny Qwen2 (RoPE, GQA, biased q/k/v) or GPT-2 (learned absolute positions) classifiers."""
+    from transformers import (
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        Qwen2Config,
+        Qwen2ForSequenceClassification,
+    )
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(corpus_path().read_text().splitlines())
+    common = {
+        "vocab_size": len(tok),
+        "num_labels": k,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
+    if arch == "gpt2":
+        drop = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **drop, **common)
+        model_cls = GPT2ForSequenceClassification
+    else:
+        config = Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **common,
+        )
+        model_cls = Qwen2ForSequenceClassification
+    torch.manual_seed(0)
+    model = model_cls(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, 0.1)
+    model.save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    RewardManifest.default_for(k, pooling="last_token").write(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("prefix-models")
+    return {
+        "llama": tiny_llama_dir,
+        "qwen2": _build(root / "qwen2", "qwen2"),
+        "gpt2": _build(root / "gpt2", "gpt2"),
+    }
+
+
+_ENGINES: dict[tuple[str, str], ScoringEngine] = {}
+
+
+def _engine(model_dirs: dict[str, Path], arch: str, side: str, tmp_path: Path) -> ScoringEngine:
+    if (arch, side) not in _ENGINES:
+        rm = load_reward_model(str(model_dirs[arch]), ModelStore(tmp_path / "store"))
+        _ENGINES[arch, side] = ScoringEngine(rm, padding_side=side)  # type: ignore[arg-type]
+    return _ENGINES[arch, side]
+
+
+def _hf_alone(path: Path, items: list[EncodedItem]) -> torch.Tensor:
+    """The reference: the HF model's own forward on each full sequence alone (no padding, no cache)."""
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.stack([model(input_ids=torch.tensor([e.input_ids])).logits[0] for e in items])
+
+
+def _enc(ids: list[int]) -> EncodedItem:
+    return EncodedItem(list(ids), None, False, len(ids))
+
+
+def _workload(vocab: int, seed: int) -> list[EncodedItem]:
+    """Three groups of 2-5 (prompts 40-90 tokens, suffixes 1-30), singletons, a duplicate; shuffled."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(3):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(40, 90))]
+        for _ in range(rng.randint(2, 5)):
+            items.append(_enc(prompt + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))]))
+    items += [_enc([rng.randrange(3, vocab) for _ in range(rng.randint(5, 60))]) for _ in range(3)]
+    items.append(_enc(items[0].input_ids))
+    rng.shuffle(items)
+    return items
+
+
+def _rewards(scores: list) -> torch.Tensor:
+    return torch.tensor([s.rewards for s in scores])
+
+
+# -- planning (pure) --------------------------------------------------------------------------------
+
+
+def test_plan_groups_shared_runs_and_keeps_a_token_of_each_item() -> None:
+    p = list(range(100, 150))  # 50 shared tokens
+    seqs = [p + [1, 2], p + [3], p, list(range(40)), p[:20] + [9] * 40]
+    plan = plan_prefix_groups(seqs, min_shared=32)
+    assert plan.groups == [PrefixGroup(49, (0, 1, 2))]  # seqs[2] is the prefix itself: one token kept
+    assert plan.singles == [3, 4]  # shares only 20 tokens with the others: under min_shared
+    assert plan.source == [0, 1, 2, 3, 4]
+    assert plan.tokens_saved == 2 * 49
+    assert plan.tokens_computed == sum(map(len, seqs)) - 2 * 49
+
+
+def test_plan_needs_min_shared_and_two_items() -> None:
+    p = list(range(31))
+    assert plan_prefix_groups([p + [1], p + [2]], min_shared=32).groups == []
+    assert plan_prefix_groups([p + [1, 5], p + [1, 6]], min_shared=32).groups == [PrefixGroup(32, (0, 1))]
+    assert plan_prefix_groups([list(range(200))], min_shared=32).groups == []
+
+
+def test_plan_collapses_duplicates_even_with_sharing_off() -> None:
+    a, b = list(range(10)), list(range(5, 20))
+    plan = plan_prefix_groups([a, b, a, a, b], min_shared=None)
+    assert plan.source == [0, 1, 0, 0, 1]
+    assert plan.groups == [] and plan.singles == [0, 1]
+    assert plan.tokens_computed == 25 and plan.shared_items == 3
+
+
+def test_plan_prefers_long_group_prefixes_over_one_short_common_run() -> None:
+    """A 40-token system prompt shared by all must not swallow two groups that each share 300."""
+    rng = random.Random(0)
+    system = [7] * 40
+    seqs = []
+    for g in range(2):
+        prompt = system + [1000 + g] + [rng.randrange(50) for _ in range(299)]
+        seqs += [prompt + [rng.randrange(50) for _ in range(10)] for _ in range(4)]
+    plan = plan_prefix_groups(seqs, min_shared=32)
+    assert sorted(g.members for g in plan.groups) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert all(g.prefix_len >= 340 for g in plan.groups)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_plan_invariants_on_random_windows(seed: int) -> None:
+    rng = random.Random(seed)
+    roots = [[rng.randrange(4) for _ in range(rng.randint(0, 80))] for _ in range(4)]
+    seqs = [rng.choice(roots) + [rng.randrange(4) for _ in range(rng.randint(0, 40))] for _ in range(40)]
+    seqs = [s or [1] for s in seqs]
+    plan = plan_prefix_groups(seqs, min_shared=16)
+    reps = [i for i, s in enumerate(plan.source) if s == i]
+    placed = sorted([*plan.singles, *(i for g in plan.groups for i in g.members)])
+    assert placed == reps  # every distinct sequence scored exactly once
+    for i, s in enumerate(plan.source):
+        assert seqs[i] == seqs[s]
+    saved = 0
+    for g in plan.groups:
+        assert len(g.members) >= 2 and g.prefix_len >= 16
+        head = seqs[g.members[0]][: g.prefix_len]
+        assert all(seqs[i][: g.prefix_len] == head and len(seqs[i]) > g.prefix_len for i in g.members)
+        saved += (len(g.members) - 1) * g.prefix_len
+    dup_tokens = sum(len(seqs[i]) for i, s in enumerate(plan.source) if s != i)
+    assert plan.tokens_saved == saved + dup_tokens
+
+
+# -- execution: exact against the model's own logits ----------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_sharing_on_equals_off_equals_hf(
+    model_dirs: dict[str, Path], tmp_path: Path, arch: str, side: str
+) -> None:
+    engine = _engine(model_dirs, arch, side, tmp_path)
+    items = _workload(
+        engine.model.config.vocab_size, seed=["llama", "qwen2", "gpt2"].index(arch) * 2 + (side == "left")
+    )
+    on = PrefixScorer(engine, max_padding=0.3)
+    assert on.sharing
+    got_on = on.forward(items)
+    plan = on.stats.last
+    assert plan is not None and len(plan.groups) == 3 and plan.singles and plan.tokens_saved > 100
+    got_off = PrefixScorer(engine, enabled=False).forward(items)
+    ref = _hf_alone(model_dirs[arch], items)
+    torch.testing.assert_close(_rewards(got_on), ref, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(_rewards(got_off), ref, atol=ATOL, rtol=ATOL)
+    assert [s.tokens for s in got_on] == [e.n_tokens for e in items]
+
+
+@pytest.mark.parametrize("mode", ["one", "group_padded", "group_sorted", "cross_sorted"])
+def test_every_suffix_batching_is_exact(model_dirs: dict[str, Path], tmp_path: Path, mode: str) -> None:
+    """The cross-group mode pads shorter prefixes inside the cache: the mask must hide them."""
+    engine = _engine(model_dirs, "gpt2", "left", tmp_path)
+    items = _workload(engine.model.config.vocab_size, seed=7)
+    got = PrefixScorer(engine, suffix_batching=mode, max_padding=10.0).forward(items)  # type: ignore[arg-type]
+    torch.testing.assert_close(_rewards(got), _hf_alone(model_dirs["gpt2"], items), atol=ATOL, rtol=ATOL)
+
+
+def test_gpt2_positions_continue_after_the_prefix(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Learned absolute positions: a suffix restarted at position 0 would give a different reward."""
+    engine = _engine(model_dirs, "gpt2", "right", tmp_path)
+    rng = random.Random(3)
+    prompt = [rng.randrange(3, 500) for _ in range(60)]
+    items = [_enc(prompt + [rng.randrange(3, 500) for _ in range(n)]) for n in (3, 17)]
+    got = PrefixScorer(engine).forward(items)
+    torch.testing.assert_close(_rewards(got), _hf_alone(model_dirs["gpt2"], items), atol=ATOL, rtol=ATOL)
+    alone = _hf_alone(model_dirs["gpt2"], [_enc(e.input_ids[60:]) for e in items])
+    assert (alone - _rewards(got)).abs().max() > 1e-3  # the check above could fail
+
+
+def test_tokenizer_seam_shares_only_the_identical_run(
+    tiny_engine: ScoringEngine, tiny_llama_dir: Path
+) -> None:
+    """The prompt's last word merges with each response's first: share what is identical, no more."""
+    prompt = (
+        "A reward model scores each answer with several heads, and we take the minimum of them to be "
+        "safe, because one head alone can be fooled by a long answer. The rew"
+    )
+    responses = ["ard model is good", "ards are fine here", "rite is better", "ard"]
+    items = [tiny_engine.encode(Item(text=prompt + r)) for r in responses]
+    alone = tiny_engine.encode(Item(text=prompt)).input_ids
+    assert any(e.input_ids[: len(alone)] != alone for e in items)  # the seam really merges
+    scorer = PrefixScorer(tiny_engine)
+    got = scorer.forward(items)
+    plan = scorer.stats.last
+    assert plan is not None and plan.groups
+    for g in plan.groups:
+        head = items[g.members[0]].input_ids[: g.prefix_len]
+        assert all(items[i].input_ids[: g.prefix_len] == head for i in g.members)
+    torch.testing.assert_close(_rewards(got), _hf_alone(tiny_llama_dir, items), atol=ATOL, rtol=ATOL)
+
+
+def test_duplicates_fan_out_in_order_as_own_copies(tiny_engine: ScoringEngine, tiny_llama_dir: Path) -> None:
+    rng = random.Random(5)
+    a, b = ([rng.randrange(3, 500) for _ in range(n)] for n in (12, 50))
+    items = [_enc(a), _enc(b), _enc(a), EncodedItem(list(a), None, True, 99), _enc(b)]
+    scorer = PrefixScorer(tiny_engine)
+    got = scorer.forward(items)
+    assert scorer.stats.last is not None and scorer.stats.last.tokens_computed == 62
+    torch.testing.assert_close(_rewards(got), _hf_alone(tiny_llama_dir, items), atol=ATOL, rtol=ATOL)
+    assert got[0].rewards == got[2].rewards and got[0].rewards is not got[2].rewards
+    assert [s.truncated for s in got] == [False, False, False, True, False]  # each item's own flag
+
+
+def test_encoders_never_share(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    rm = load_reward_model(str(tiny_bert_dir), ModelStore(tmp_path / "s"))
+    engine = ScoringEngine(rm)
+    assert not is_causal_decoder(engine.model)
+    scorer = PrefixScorer(engine)
+    assert not scorer.sharing
+    long = " ".join(["the reward model scores each answer"] * 10)
+    items = [engine.encode(Item(prompt=long, response=r)) for r in ("yes", "no", "yes")]
+    got = scorer.forward(items)
+    assert scorer.stats.last is not None and not scorer.stats.last.groups
+    assert scorer.stats.last.source == [0, 1, 0]  # an exact duplicate is still scored once
+    want = engine.forward(items)
+    torch.testing.assert_close(_rewards(got), _rewards(want), atol=ATOL, rtol=ATOL)
+
+
+def test_self_check_refuses_sharing_that_changes_rewards(
+    tiny_engine: ScoringEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = PrefixScorer._encode_prefix
+
+    def shifted(self: PrefixScorer, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(k + 0.5, v) for k, v in real(self, ids)]
+
+    monkeypatch.setattr(PrefixScorer, "_encode_prefix", shifted)
+    assert not PrefixScorer(tiny_engine).sharing
+
+
+async def test_poison_item_inside_a_shared_group_fails_alone(
+    tiny_engine: ScoringEngine, tiny_llama_dir: Path
+) -> None:
+    """One request per response, as OpenRLHF sends them; one suffix breaks the embedding lookup."""
+    from service.batcher import Batcher
+    from service.errors import ScoringFailed
+
+    rng = random.Random(11)
+    prompt = [rng.randrange(3, 500) for _ in range(60)]
+    items = [_enc(prompt + [rng.randrange(3, 500) for _ in range(rng.randint(2, 20))]) for _ in range(6)]
+    poison = _enc(prompt + [tiny_engine.model.config.vocab_size + 5, 4])
+    scorer = PrefixScorer(tiny_engine, max_padding=10.0)
+    b = Batcher(
+        scorer.forward,
+        token_budget=100_000,
+        max_batch_size=64,
+        max_queue_items=100,
+        max_queue_tokens=100_000,
+        max_wait_s=0.05,
+    )
+    b.start()
+    jobs = [b.submit([e]) for e in items[:3]] + [b.submit([poison])] + [b.submit([e]) for e in items[3:]]
+    results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+    await b.close(1)
+    assert isinstance(results[3], ScoringFailed)
+    good = [r[0] for k, r in enumerate(results) if k != 3]
+    torch.testing.assert_close(_rewards(good), _hf_alone(tiny_llama_dir, items), atol=ATOL, rtol=ATOL)
+    assert scorer.stats.groups >= 2  # the halves that did not hold the poison still shared
+
+
+async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engine: ScoringEngine) -> None:
+    from service.batcher import Batcher
+
+    rng = random.Random(12)
+    answers = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 9, 40)]
+    requests = [[_enc(answers[(r + k) % 3]) for k in range(3)] for r in range(6)]
+    scorer = PrefixScorer(tiny_engine)
+    b = Batcher(
+        scorer.forward,
+        token_budget=100_000,
+        max_batch_size=64,
+        max_queue_items=100,
+        max_queue_tokens=100_000,
+        max_wait_s=0.05,
+    )
+    b.start()
+    jobs = [b.submit(req) for req in requests]
+    results = await asyncio.gather(*(j.future for j in jobs))
+    await b.close(1)
+    want = {
+        tuple(a): s.rewards
+        for a, s in zip(answers, tiny_engine.forward([_enc(a) for a in answers]), strict=True)
+    }
+    for req, res in zip(requests, results, strict=True):
+        assert [s.tokens for s in res] == [e.n_tokens for e in req]
+        torch.testing.assert_close(
+            _rewards(res), torch.tensor([want[tuple(e.input_ids)] for e in req]), atol=ATOL, rtol=ATOL
+        )
+    assert scorer.stats.tokens_saved >= 15 * 5  # 18 items, 3 distinct: most were never computed
