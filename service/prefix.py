@@ -15,6 +15,7 @@ group's cached keys/values expanded to the sub-batch (DESIGN.md: one-by-one agai
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from kernels import multihead_reward
-from service.batching import split_by_padding
+from service.batching import plan_batches, split_by_padding
 
 if TYPE_CHECKING:
     from service.engine import EncodedItem, ItemScore, ScoringEngine
@@ -136,6 +137,48 @@ def plan_prefix_groups(
     singles.sort()
     computed = sum(len(seqs[i]) for i in reps) - best[m]
     return PrefixPlan(source, groups, singles, total, computed)
+
+
+def plan_shared_batches(
+    seqs: Sequence[Sequence[int]],
+    *,
+    token_budget: int,
+    max_batch_size: int,
+    max_padding: float = math.inf,
+    min_shared: int | None = DEFAULT_MIN_SHARED,
+) -> list[list[int]]:
+    """Cut a window into encoder batches that keep each prefix group together where the budget allows.
+
+    A group costs its prefix once plus its suffixes (what the encoder computes); one over the budget
+    or `max_batch_size` is cut into chunks of similar suffix length, each sharing the prefix again.
+    Items in no group are planned as without sharing (length-sorted under the budget, padding cap).
+    Exact duplicates ride in their original's batch for free. Batches come out in arrival order of
+    their first item, so a window stays first-come first-served.
+    """
+    plan = plan_prefix_groups(seqs, min_shared=min_shared)
+    copies: dict[int, list[int]] = {}
+    for i, src in enumerate(plan.source):
+        if src != i:
+            copies.setdefault(src, []).append(i)
+    lengths = [len(s) for s in seqs]
+    batches: list[list[int]] = []
+    for g in plan.groups:
+        chunk: list[int] = []
+        cost = g.prefix_len
+        for i in sorted(g.members, key=lambda i: (lengths[i], i)):
+            suffix = lengths[i] - g.prefix_len
+            if chunk and (cost + suffix > token_budget or len(chunk) >= max_batch_size):
+                batches.append(chunk)
+                chunk, cost = [], g.prefix_len
+            chunk.append(i)
+            cost += suffix
+        batches.append(chunk)
+    singles = plan.singles
+    for planned in plan_batches([lengths[i] for i in singles], token_budget, max_batch_size):
+        batches += split_by_padding([singles[k] for k in planned], lengths, max_padding)
+    out = [sorted(b + [c for i in b for c in copies.get(i, ())]) for b in batches]
+    out.sort(key=lambda b: b[0])
+    return out
 
 
 def is_causal_decoder(model: nn.Module) -> bool:

@@ -15,7 +15,13 @@ from model_store.default_model import corpus_path, train_tokenizer
 from model_store.loader import load_reward_model
 from model_store.manifest import RewardManifest
 from service.engine import EncodedItem, Item, ScoringEngine
-from service.prefix import PrefixGroup, PrefixScorer, is_causal_decoder, plan_prefix_groups
+from service.prefix import (
+    PrefixGroup,
+    PrefixScorer,
+    is_causal_decoder,
+    plan_prefix_groups,
+    plan_shared_batches,
+)
 
 ATOL = 1e-5
 
@@ -177,6 +183,30 @@ def test_plan_invariants_on_random_windows(seed: int) -> None:
     assert plan.tokens_saved == saved + dup_tokens
 
 
+def test_batches_keep_a_group_together_within_the_budget() -> None:
+    rng = random.Random(1)
+    prompts = [[rng.randrange(100) for _ in range(100)] for _ in range(3)]
+    seqs = []
+    for k in range(24):  # three interleaved groups of 8, arriving one request at a time
+        seqs.append(prompts[k % 3] + [rng.randrange(100) for _ in range(rng.randint(5, 40))])
+    seqs += [[rng.randrange(100) for _ in range(rng.randint(5, 50))] for _ in range(6)]
+    seqs.append(list(seqs[4]))  # a duplicate rides with its original
+    batches = plan_shared_batches(seqs, token_budget=500, max_batch_size=64, max_padding=0.1)
+    assert sorted(i for b in batches for i in b) == list(range(len(seqs)))
+    assert [b[0] for b in batches] == sorted(b[0] for b in batches)  # first-come first-served
+    for g in range(3):
+        assert sum(any(i < 24 and i % 3 == g for i in b) for b in batches) == 1  # 100 + 8 x <=40 fits
+    assert any(4 in b and 30 in b for b in batches)
+    for b in batches:
+        if all(i >= 24 for i in b):  # singletons as without sharing: budget and padding cap
+            lens = [len(seqs[i]) for i in b]
+            assert max(lens) * len(lens) <= 500 and max(lens) * len(lens) <= 1.1 * sum(lens) + 1e-9
+    tight = plan_shared_batches(seqs[:24], token_budget=150, max_batch_size=3)
+    for b in tight:  # over the budget: a group straddles batches, each within budget and size
+        assert len(b) <= 3 and 100 + sum(len(seqs[i]) - 100 for i in b) <= 150
+    assert len(tight) > 3
+
+
 # -- execution: exact against the model's own logits ----------------------------------------------
 
 
@@ -311,6 +341,23 @@ async def test_poison_item_inside_a_shared_group_fails_alone(
     good = [r[0] for k, r in enumerate(results) if k != 3]
     torch.testing.assert_close(_rewards(good), _hf_alone(tiny_llama_dir, items), atol=ATOL, rtol=ATOL)
     assert scorer.stats.groups >= 2  # the halves that did not hold the poison still shared
+
+
+def test_group_straddling_two_batches_scores_the_same(
+    tiny_engine: ScoringEngine, tiny_llama_dir: Path
+) -> None:
+    rng = random.Random(13)
+    prompt = [rng.randrange(3, 500) for _ in range(70)]
+    items = [_enc(prompt + [rng.randrange(3, 500) for _ in range(rng.randint(2, 30))]) for _ in range(7)]
+    batches = plan_shared_batches([e.input_ids for e in items], token_budget=160, max_batch_size=64)
+    assert len(batches) >= 2 and all(len(b) >= 2 for b in batches), batches
+    scorer = PrefixScorer(tiny_engine)
+    got: dict[int, list[float]] = {}
+    for b in batches:
+        got.update(zip(b, (s.rewards for s in scorer.forward([items[i] for i in b])), strict=True))
+    assert scorer.stats.groups == len(batches)
+    want = _hf_alone(tiny_llama_dir, items)
+    torch.testing.assert_close(torch.tensor([got[i] for i in range(7)]), want, atol=ATOL, rtol=ATOL)
 
 
 async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engine: ScoringEngine) -> None:
