@@ -51,7 +51,7 @@ bench-service: $(STAMP)
 	$(BIN)/python bench/service_bench.py
 
 bench-kernel: $(STAMP)
-	$(BIN)/python bench/kernel_bench.py
+	$(BIN)/python bench/bench_multihead_reward.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

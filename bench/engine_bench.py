@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from model_store import ModelStore  # noqa: E402
 from model_store.default_model import build_default_model  # noqa: E402
 from model_store.loader import load_reward_model  # noqa: E402
-from service.batching import padded_tokens, plan_batches  # noqa: E402
+from service.batching import BatchPolicy, padded_tokens, plan_batches  # noqa: E402
 from service.engine import EncodedItem, Item, ScoringEngine  # noqa: E402
 
 WORDS = (
@@ -36,7 +36,7 @@ WORDS = (
 
 
 def workload(n: int, seed: int = 0) -> list[Item]:
-    """Prompt + response of 10-200 words each (mean ~ DESIGN.md's measured mix), in random order."""
+    """Prompt + response of 10-200 words each (the mix of docs/architecture.md's measurements), in random order."""
     rng = random.Random(seed)
     items = []
     for _ in range(n):
@@ -69,7 +69,9 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="hydra-bench-"))
     build_default_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers)
     rm = load_reward_model(str(tmp / "model"), ModelStore(tmp / "store"))
-    engine = ScoringEngine(rm, token_budget=4096, max_batch_size=64)
+    engine = ScoringEngine(
+        rm, policy=BatchPolicy(token_budget=4096, max_batch_size=64, max_padding=float("inf"))
+    )
     items = workload(args.items)
     encoded = [engine.encode(it) for it in items]
     lengths = [e.n_tokens for e in encoded]

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,9 +245,8 @@ def main() -> None:
     # The ceiling: the raw engine in-process, same items, same token budget as the service.
     settings = Settings()
     rm = load_reward_model(str(model_dir), ModelStore(tmp / "store"))
-    engine = ScoringEngine(
-        rm, token_budget=settings.resolved_token_budget(), max_batch_size=settings.max_batch_size
-    )
+    # Without the padding cap, as this ceiling was measured before the cap existed.
+    engine = ScoringEngine(rm, policy=replace(settings.batch_policy(), max_padding=float("inf")))
     engine.warmup()
     raw: dict[str, float] = {}
     for shape, items in (

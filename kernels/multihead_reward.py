@@ -93,8 +93,11 @@ def multihead_reward_reference(
         index = index.to(hidden.device, torch.long)
         bad_index = (index < 0) | (index >= t)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
+        # T=0: no valid position; gather zeros of the right width so every row turns NaN below (bad_index)
         pooled = (
-            hidden[rows, index.clamp(0, max(t - 1, 0))] if t > 0 else hidden.new_zeros(hidden.shape[0], 0)
+            hidden[rows, index.clamp(0, t - 1)]
+            if t > 0
+            else hidden.new_zeros(hidden.shape[0], hidden.shape[2])
         )
     else:
         pooled = hidden
@@ -117,15 +120,21 @@ def multihead_reward_reference(
 
 
 if triton is not None:
-    # No annotations on the runtime parameters: Triton reads them as types (`int` would force
-    # 32-bit strides), hence the noqa.
+    # The runtime parameters carry no annotations: Triton reads them as types (`int` would force
+    # 32-bit strides). ANN001 is waived for this file in pyproject.toml for that reason alone.
     @triton.jit
     def _multihead_reward_kernel(
-        hidden_ptr, index_ptr, weight_ptr, bias_ptr,  # noqa: ANN001
-        rewards_ptr, min_ptr, max_ptr, mean_ptr, std_ptr,  # noqa: ANN001
-        B, T, H, K,  # noqa: ANN001
-        stride_hb, stride_ht, stride_hh, stride_wk, stride_wh, stride_bk,  # noqa: ANN001
-        stride_rb, stride_rk, stride_min, stride_max, stride_mean, stride_std,  # noqa: ANN001
+        # inputs: hidden [B, T, H] (or pooled [B, H]), index [B], weight [K, H], bias [K]
+        hidden_ptr, index_ptr, weight_ptr, bias_ptr,
+        # outputs: rewards [B, K], then min/max/mean/std [B]
+        rewards_ptr, min_ptr, max_ptr, mean_ptr, std_ptr,
+        # sizes
+        B, T, H, K,
+        # input strides (hidden: b, t, h; weight: k, h; bias: k)
+        stride_hb, stride_ht, stride_hh, stride_wk, stride_wh, stride_bk,
+        # output strides (rewards: b, k; then one per reduction)
+        stride_rb, stride_rk, stride_min, stride_max, stride_mean, stride_std,
+        # compile-time switches and tile sizes (launch_config picks them)
         HAS_INDEX: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     ) -> None:  # fmt: skip

@@ -126,18 +126,38 @@ def load_reward_model(
         )
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
             path,
             config=config,
             dtype=dtype,
             use_safetensors=not allow_pickle or any(path.glob("*.safetensors")),
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ModelStoreError:
         raise
     except Exception as e:
-        raise ModelStoreError(f"failed to load {path}: {type(e).__name__}: {e}") from e
+        raise ModelStoreError(f"failed to load the model weights from {path}: {type(e).__name__}: {e}") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelStoreError(
+            f"failed to load the tokenizer from {path} (tokenizer.json or the tokenizer's vocabulary "
+            f"files missing or broken?): {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    absent = sorted(
+        {
+            *loading.get("missing_keys", ()),
+            *(str(m[0]) if isinstance(m, tuple) else str(m) for m in loading.get("mismatched_keys", ())),
+        }
+    )
+    if absent:  # transformers fills these with fresh random values: rewards would change at every load
+        raise ModelStoreError(
+            f"{path} has no weights for {', '.join(absent[:5])}{', ...' if len(absent) > 5 else ''}: they would "
+            "be initialised at random on every load. Save the whole sequence-classification model "
+            "(encoder and heads) with save_pretrained"
+        )
+    check_finite_weights(model, path)
     k = int(model.config.num_labels)
     if manifest is None:
         manifest = RewardManifest.default_for(k, max_length=default_max_length(model.config, tokenizer))
@@ -156,3 +176,19 @@ def load_reward_model(
         path=path,
         info={"model_type": model.config.model_type, "architecture": type(model).__name__},
     )
+
+
+def check_finite_weights(model: Any, path: Path) -> None:
+    """NaN or inf in a weight means a corrupted file (flipped bytes keep the safetensors header valid);
+    served, it gives NaN rewards for every item, or worse, a constant one."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ModelStoreError(
+            f"{path}: weights contain NaN or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+            "the checkpoint is corrupted"
+        )
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -11,13 +11,15 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from model_store.aggregation import Aggregation
+from model_store.uncertainty import DisagreementQuantiles
+
 MANIFEST_NAME = "reward_heads.json"
 FORMAT_VERSION = 1
-AGGREGATIONS = ("min", "mean", "max", "uwo")
 
 Pooling = Literal["auto", "last_token", "first_token", "pooler"]
 TruncationSide = Literal["left", "right", "reject"]
@@ -56,6 +58,10 @@ class RewardManifest(BaseModel):
     truncation_side: TruncationSide = "left"
     files: dict[str, str] = Field(default_factory=dict, description="relative path -> sha256 hex")
     description: str = ""
+    # Written by `hydra-rm train` (training/): head std quantiles on the reference split, and where
+    # the model came from (data sha256, base, arguments, seed, library versions, held-out metrics).
+    disagreement: DisagreementQuantiles | None = None
+    provenance: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardManifest:
@@ -70,7 +76,7 @@ class RewardManifest(BaseModel):
             raise ValueError("head_names must be unique")
         if self.normalization is not None and len(self.normalization.mean) != self.num_heads:
             raise ValueError("normalization must have one mean/std per head")
-        validate_aggregation(self.default_aggregation, self.num_heads)
+        Aggregation.parse(self.default_aggregation, self.num_heads)
         for rel, digest in self.files.items():
             check_relative_path(rel)
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -96,15 +102,8 @@ class RewardManifest(BaseModel):
 
 
 def validate_aggregation(aggregation: str, num_heads: int) -> str:
-    """Return the aggregation if valid for K heads (`min|mean|max|uwo|head:i`), else raise ValueError."""
-    if aggregation in AGGREGATIONS:
-        return aggregation
-    if aggregation.startswith("head:"):
-        idx = aggregation[5:]
-        if idx.isdigit() and int(idx) < num_heads:
-            return aggregation
-        raise ValueError(f"head index in {aggregation!r} must be an integer in [0, {num_heads - 1}]")
-    raise ValueError(f"unknown aggregation {aggregation!r}; expected one of min, mean, max, uwo, head:<i>")
+    """The aggregation's canonical text if valid for K heads, else ValueError (see `Aggregation.parse`)."""
+    return Aggregation.parse(aggregation, num_heads).name
 
 
 def check_relative_path(rel: str) -> str:

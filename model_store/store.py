@@ -9,12 +9,14 @@ leaves only a `.tmp-*` directory, which listing ignores and the next publish swe
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import os
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,9 @@ _TRAINER_ARTEFACTS = re.compile(
     r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$"
 )
 _STALE_TMP_SECONDS = 24 * 3600.0
+# What a publish does not copy (shutil.ignore_patterns matches each file and directory name).
+_NOT_COPIED = (MANIFEST_NAME, ".*", "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt",
+               "rng_state*.pth")  # fmt: skip
 
 
 def check_name(kind: str, value: str) -> str:
@@ -96,6 +101,53 @@ def verify_checksums(directory: Path, manifest: RewardManifest) -> None:
             problems.append(f"{rel}: sha256 mismatch")
     if problems:
         raise ChecksumMismatch(f"{directory} failed verification: " + "; ".join(problems))
+
+
+def _publishable_files(directory: Path) -> set[str]:
+    """Relative paths a publish copies: everything but the manifest, hidden files and trainer artefacts."""
+    out = set()
+    for p in Path(directory).rglob("*"):
+        rel = p.relative_to(directory)
+        if p.is_file() and not any(fnmatch.fnmatch(part, pat) for part in rel.parts for pat in _NOT_COPIED):
+            out.add(rel.as_posix())
+    return out
+
+
+def check_no_stray_weights(directory: Path) -> None:
+    """Refuse safetensors files that transformers would not load: they would be published and
+    checksummed as if they mattered (an attack left `extra.safetensors` beside the model and it was
+    imported and served), and a stray shard usually means a half-copied or mixed checkpoint."""
+    directory = Path(directory)
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*.safetensors") if p.is_file()}
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            used = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelStoreError(f"{index} is not a valid safetensors index: {e}") from e
+        missing = sorted(used - present)
+        if missing:
+            raise ModelStoreError(
+                f"{directory}: shards listed in {index.name} are missing: {', '.join(missing)}"
+            )
+    else:
+        used = {"model.safetensors"} & present
+    stray = sorted(present - used)
+    if stray:
+        raise ModelStoreError(
+            f"{directory} holds weight files the model would not load ({', '.join(stray[:5])}); "
+            "remove them (or fix the shard index) so the store holds exactly what is served"
+        )
+
+
+def _compare_files(found: dict[str, str], expected: dict[str, str]) -> list[str]:
+    problems = [f"{rel}: not listed in the manifest" for rel in sorted(found.keys() - expected.keys())]
+    for rel in sorted(expected):
+        if rel not in found:
+            problems.append(f"{rel}: missing")
+        elif found[rel] != expected[rel]:
+            problems.append(f"{rel}: sha256 mismatch")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -175,48 +227,90 @@ class ModelStore:
         manifest: RewardManifest | None = None,
         *,
         allow_pickle: bool = False,
+        check: Callable[[Path], None] | None = None,
     ) -> ModelRef:
-        """Copy a checkpoint directory in as a new version; the version appears whole or not at all."""
+        """Copy a checkpoint directory in as a new version; the version appears whole or not at all.
+
+        When the source carries a manifest with checksums (a copied store version, a hub model
+        published by hydra-rm), the copy must match them exactly. `check(copy)` runs on the complete
+        copy (manifest written) before it becomes visible: `hydra-rm models import` loads and probes
+        the model there, so what is checked is byte for byte what is published. Any failure leaves
+        nothing behind, not even an empty `<name>/` directory.
+        """
         source = Path(source)
+        model_dir = self._model_dir(name)  # names and versions are checked before anything is written
+        if version:
+            check_name("version", version)
         if not source.is_dir():
             raise ModelNotFound(f"{source} is not a directory")
         _refuse_symlinks(source)
         check_weights_safe(source, allow_pickle=allow_pickle)
+        check_no_stray_weights(source)
         if manifest is None:
-            manifest = RewardManifest.read(source) or _manifest_from_config(source)
+            try:
+                manifest = RewardManifest.read(source)
+            except ValueError as e:  # invalid JSON or fields: pydantic's ValidationError is a ValueError
+                raise ModelStoreError(f"{source / MANIFEST_NAME} is not a valid manifest: {e}") from e
+            manifest = manifest or _manifest_from_config(source)
         k = _num_labels(source)
         if k is not None and k != manifest.num_heads:
             raise ModelStoreError(
                 f"manifest says {manifest.num_heads} heads but config.json has num_labels={k}"
             )
-        model_dir = self._model_dir(name)
+        if manifest.files:  # fail fast, before copying: the copy is compared again below
+            problems = _compare_files({rel: "" for rel in _publishable_files(source)}, manifest.files)
+            missing_or_unlisted = [p for p in problems if not p.endswith("sha256 mismatch")]
+            if missing_or_unlisted:
+                raise ChecksumMismatch(
+                    f"{source} does not match its own {MANIFEST_NAME}: " + "; ".join(missing_or_unlisted)
+                )
+        created = not model_dir.exists()
         model_dir.mkdir(parents=True, exist_ok=True)
-        self._sweep_stale(model_dir)
-        if version:
-            check_name("version", version)
-        for _attempt in range(100):  # auto-versions: a concurrent publisher may take vN first
-            target = version or self._next_version(name)
-            try:
-                return self._publish_as(source, model_dir, name, target, manifest)
-            except FileExistsError:
-                if version:
-                    raise
-        raise ModelStoreError(f"could not find a free version for {name!r}")
+        try:
+            self._sweep_stale(model_dir)
+            for _attempt in range(100):  # auto-versions: a concurrent publisher may take vN first
+                target = version or self._next_version(name)
+                try:
+                    return self._publish_as(source, model_dir, name, target, manifest, check)
+                except FileExistsError:
+                    if version:
+                        raise
+            raise ModelStoreError(f"could not find a free version for {name!r}")
+        except BaseException:
+            if created:
+                try:
+                    model_dir.rmdir()  # only if still empty: a concurrent publisher's version stays
+                except OSError:
+                    pass
+            raise
 
     def _publish_as(
-        self, source: Path, model_dir: Path, name: str, version: str, manifest: RewardManifest
+        self,
+        source: Path,
+        model_dir: Path,
+        name: str,
+        version: str,
+        manifest: RewardManifest,
+        check: Callable[[Path], None] | None = None,
     ) -> ModelRef:
         final = model_dir / version
         if final.exists():
             raise FileExistsError(f"{name}:{version} already exists in {self.root}; versions are immutable")
         tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
         try:
-            ignore = shutil.ignore_patterns(MANIFEST_NAME, ".*", "training_args.bin", "optimizer.pt",
-                                            "scheduler.pt", "scaler.pt", "rng_state*.pth")  # fmt: skip
-            shutil.copytree(source, tmp, ignore=ignore)
-            manifest = manifest.model_copy(update={"files": checksum_tree(tmp)})
+            shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*_NOT_COPIED))
+            files = checksum_tree(tmp)
+            if manifest.files:  # the source's own checksums: a tampered copy of a version is refused
+                problems = _compare_files(files, manifest.files)
+                if problems:
+                    raise ChecksumMismatch(
+                        f"{source} does not match its own {MANIFEST_NAME}: " + "; ".join(problems)
+                    )
+            manifest = manifest.model_copy(update={"files": files})
             manifest.write(tmp)
             _fsync_tree(tmp)
+            if check is not None:
+                check(tmp)
             try:
                 os.rename(tmp, final)  # atomic: the version becomes visible whole
             except OSError as e:  # a concurrent publisher won the same version

@@ -17,12 +17,15 @@ from fastapi import Depends, FastAPI
 from service.auth import ApiKeyMiddleware, api_key_dependency
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
-from service.middleware import BodyLimitMiddleware
+from service.middleware import ArrivalMiddleware, Arrivals, BodyLimitMiddleware
 from service.routes import health, models, score
 from service.runtime import ScoringService
 from service.settings import Settings, build_engine
 
 log = logging.getLogger("hydra_rm.app")
+
+# What HYDRA_RM_DOCS guards or hides: the schema shows this server's head indices and item limits.
+DOCS_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 
 DESCRIPTION = (
     "Multi-head reward model inference for RLHF: one shared encoder, K linear reward heads, the "
@@ -34,11 +37,13 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     """Build the app. `engine` (a ScoringEngine or a wrapper of one) skips loading: tests, benches."""
     settings = settings or Settings()
     metrics = Metrics()
+    arrivals = Arrivals()
+    metrics.track_arrivals(lambda: arrivals.count)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-        service = ScoringService(settings, eng, metrics)
+        service = ScoringService(settings, eng, metrics, arrivals)
         await service.start()
         app.state.service = service
         try:
@@ -46,11 +51,16 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
         finally:
             await service.stop()
 
+    docs = settings.resolved_docs()
+    shown = docs != "off"
     app = FastAPI(
         title="hydra-rm",
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_url="/openapi.json" if shown else None,  # None also removes /docs and /redoc
+        docs_url="/docs" if shown else None,
+        redoc_url="/redoc" if shown else None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -59,10 +69,18 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     app.include_router(health.router)
     app.include_router(score.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        arrivals=arrivals,
+    )
     if settings.api_keys:  # outside the body limit: unauthenticated bodies are never read
         protected = frozenset(r.path for router in (score.router, models.router) for r in router.routes)
+        if docs == "auth":
+            protected |= DOCS_PATHS
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=protected)
+    app.add_middleware(ArrivalMiddleware, arrivals=arrivals)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every status
     generic_openapi = app.openapi
 

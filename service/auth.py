@@ -12,8 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import Unauthorized, error_response
-from service.metrics import ERROR_TYPE_KEY
+from service.errors import ERROR_TYPE_KEY, Unauthorized, error_response
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from HYDRA_RM_API_KEYS.")
 

@@ -3,13 +3,12 @@
 OpenRLHF sends one sample per HTTP request, thousands at once, so batching inside a request buys
 nothing; batching across requests is where throughput comes from. The worker takes the oldest
 queued items (a window of a few batches, FIFO between windows so long items cannot starve), plans
-length-sorted batches under the token budget with `plan_batches` and a padding cap (padding is the
-enemy on CPU: DESIGN.md measures 44 items/s padded per request vs 75-90 sorted), and runs each
-batch on one thread: concurrent forwards on 2 cores only fight over them.
+length-sorted batches with the engine's `BatchPolicy` (token budget + padding cap: padding is the
+enemy on CPU, see docs/architecture.md), and runs each batch on one thread: concurrent forwards on
+2 cores only fight over them.
 
-Failure isolation: a batch that raises (bad item, OOM) is split in halves and re-run, down to
-single items, so one poison item fails only its own request, after O(log n) extra forwards, and
-never takes its neighbours down with it twice. Halving is also the right answer to an OOM.
+Failure isolation is `batching.forward_isolating` (shared with the JSONL job): a batch that raises
+is bisected down to the culprit, so one poison item fails only its own request.
 """
 
 from __future__ import annotations
@@ -23,14 +22,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.batching import plan_batches, split_by_padding
+from service.batching import BatchObserver, BatchPolicy, ForwardFn, forward_isolating
+from service.drain import ShuttingDown
 from service.engine import EncodedItem, ItemScore
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed, ServiceError
 
 log = logging.getLogger("hydra_rm.batcher")
-
-ForwardFn = Callable[[Sequence[EncodedItem]], list[ItemScore]]
-BatchObserver = Callable[[Sequence[EncodedItem], Sequence[ItemScore], float], None]
 
 
 # How many batches' worth of tokens one planning window takes from the queue. Bigger windows sort
@@ -79,25 +76,22 @@ class Batcher:
     def __init__(
         self,
         forward: ForwardFn,
+        policy: BatchPolicy,
         *,
-        token_budget: int,
-        max_batch_size: int,
         max_queue_items: int,
         max_queue_tokens: int,
         max_wait_s: float,
-        max_padding: float = float("inf"),
         retry_after_s: int = 1,
         observer: BatchObserver | None = None,
         on_failure: Callable[[Exception], None] | None = None,
         more_coming: Callable[[], bool] | None = None,
     ) -> None:
         self._forward = forward
-        self.token_budget = token_budget
-        self.max_batch_size = max_batch_size
+        self.policy = policy
+        self.token_budget = policy.token_budget
         self.max_queue_items = max_queue_items
         self.max_queue_tokens = max_queue_tokens
         self.max_wait_s = max_wait_s
-        self.max_padding = max_padding
         self.retry_after_s = retry_after_s
         self._observer = observer
         self._on_failure = on_failure
@@ -144,7 +138,7 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
         for slot in [*self._window, *self._pending]:  # only left if the drain timed out
-            self._fail(slot.job, Overloaded("server shut down before scoring", self.retry_after_s))
+            self._fail(slot.job, ShuttingDown("server shut down before scoring; retry", self.retry_after_s))
         self._pending.clear()
         self._window = []
         if self._executor is not None:
@@ -160,7 +154,7 @@ class Batcher:
             job.future.set_result([])
             return job
         if self._closing:
-            raise Overloaded("server is shutting down", self.retry_after_s)
+            raise ShuttingDown("server is shutting down; retry", self.retry_after_s)
         if len(items) > self.max_queue_items or job.tokens > self.max_queue_tokens:
             raise PayloadTooLarge(  # permanent: retrying the same request cannot help
                 f"request of {len(items)} items / {job.tokens} tokens exceeds the whole queue "
@@ -226,12 +220,10 @@ class Batcher:
                 self._wake.set()
 
     async def _run_window(self, window: list[_Slot]) -> None:
-        lengths = [s.item.n_tokens for s in window]
-        for planned in plan_batches(lengths, self.token_budget, self.max_batch_size):
-            for idxs in split_by_padding(planned, lengths, self.max_padding):
-                batch = [window[i] for i in idxs if not window[i].job.done]  # skip dropped requests
-                if batch:
-                    await self._run_batch(batch)
+        for idxs in self.policy.plan([s.item.n_tokens for s in window]):
+            batch = [window[i] for i in idxs if not window[i].job.done]  # skip dropped requests
+            if batch:
+                await self._run_batch(batch)
 
     def _drop_dead_head(self) -> None:
         while self._pending and self._pending[0].job.done:
@@ -274,44 +266,27 @@ class Batcher:
 
     async def _run_batch(self, batch: list[_Slot]) -> None:
         assert self._executor is not None
-        items = [s.item for s in batch]
         loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-        try:
-            scores = await loop.run_in_executor(self._executor, self._forward, items)
-            if len(scores) != len(items):
-                raise RuntimeError(f"engine returned {len(scores)} scores for {len(items)} items")
-        except Exception as e:  # noqa: BLE001 - any engine failure is isolated, never fatal
-            await self._isolate(batch, e)
-            return
-        seconds = time.perf_counter() - start
-        if self._observer is not None:
-            try:
-                self._observer(items, scores, seconds)
-            except Exception:  # metrics must never fail a request
-                log.exception("batch observer failed")
-        for slot, score in zip(batch, scores, strict=True):
-            self._complete(slot, score)
-
-    async def _isolate(self, batch: list[_Slot], error: Exception) -> None:
-        if self._on_failure is not None:
-            self._on_failure(error)
-        live = [s for s in batch if not s.job.done]
-        if len(live) > 1:
-            log.warning(
-                "batch of %d failed (%s: %s); splitting to isolate", len(live), type(error).__name__, error
-            )
-            half = len(live) // 2
-            await self._run_batch(live[:half])
-            await self._run_batch([s for s in live[half:] if not s.job.done])
-            return
-        if live:
-            log.error("item failed alone: %s", type(error).__name__, exc_info=error)
-            # The engine's own text can carry paths or device details: the log has it, the caller a summary.
-            self._fail(
-                live[0].job,
-                ScoringFailed(f"scoring failed ({type(error).__name__}); details in the server log"),
-            )
+        results = await loop.run_in_executor(
+            self._executor,
+            lambda: forward_isolating(
+                self._forward,
+                [s.item for s in batch],
+                observer=self._observer,
+                on_failure=self._on_failure,
+                skip=lambda i: batch[i].job.done,  # a request dropped mid-isolation costs no more forwards
+            ),
+        )
+        for slot, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                # The engine's own text can carry paths or device details: the log has it, the caller a
+                # summary.
+                self._fail(
+                    slot.job,
+                    ScoringFailed(f"scoring failed ({type(result).__name__}); details in the server log"),
+                )
+            else:
+                self._complete(slot, result)
 
     def _complete(self, slot: _Slot, score: ItemScore) -> None:
         job = slot.job
@@ -327,8 +302,3 @@ class Batcher:
         self.queued_tokens -= slot.item.n_tokens
         if job.remaining == 0:
             job.future.set_result(job.results)  # type: ignore[arg-type]
-
-
-def _short(error: Exception, limit: int = 200) -> str:
-    text = str(error).splitlines()[0] if str(error) else ""
-    return text[:limit]

@@ -1,12 +1,68 @@
-"""The batch-forming step as a pure function, so it can be tested apart from any event loop.
+"""The batch policy, decided once, and the batch-forming and failure-isolation steps it drives.
 
-Measured on this CPU (DESIGN.md): compute is nearly linear in *padded* tokens, so sorting by length
-and capping padded tokens per batch is what pays; huge budgets lose to cache effects.
+Pure functions and one frozen value, so they can be tested apart from any event loop; the service's
+batcher and the JSONL job both plan with `BatchPolicy.plan` and isolate failures with
+`forward_isolating`. Measured on this CPU (docs/architecture.md, bench/results/engine-cpu.md):
+compute is nearly linear in *padded* tokens, so sorting by length and capping padded tokens per
+batch is what pays; huge budgets lose to cache effects.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model_store.tokenization import EncodedItem
+    from service.engine import ItemScore
+
+log = logging.getLogger("hydra_rm.batching")
+
+ForwardFn = Callable[[Sequence["EncodedItem"]], list["ItemScore"]]
+BatchObserver = Callable[[Sequence["EncodedItem"], Sequence["ItemScore"], float], None]
+
+# Defaults by device (bench/results/engine-cpu.md: on CPU a 1-2k token budget is best and 16k loses
+# 12%; padding 8 random-length items together costs 40%, so the CPU padding cap is tight).
+CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET = 2048, 65536
+CPU_MAX_PADDING, GPU_MAX_PADDING = 0.1, 1.0
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How items are grouped into encoder batches: padded-token budget, item cap, padding cap."""
+
+    token_budget: int = CPU_TOKEN_BUDGET
+    max_batch_size: int = 64
+    max_padding: float = CPU_MAX_PADDING
+
+    @classmethod
+    def resolve(
+        cls,
+        device: str,
+        *,
+        token_budget: int | None = None,
+        max_batch_size: int = 64,
+        max_padding: float | None = None,
+    ) -> BatchPolicy:
+        """The one place the device defaults are decided; explicit values (settings) win."""
+        on_gpu = str(device).startswith("cuda")
+        if token_budget is None:
+            token_budget = GPU_TOKEN_BUDGET if on_gpu else CPU_TOKEN_BUDGET
+        if max_padding is None:
+            max_padding = GPU_MAX_PADDING if on_gpu else CPU_MAX_PADDING
+        if token_budget < 1 or max_batch_size < 1 or max_padding < 0:
+            raise ValueError("token_budget and max_batch_size must be >= 1 and max_padding >= 0")
+        return cls(token_budget, max_batch_size, max_padding)
+
+    def plan(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Length-sorted batches under the token budget, each cut where padding would pass the cap."""
+        out: list[list[int]] = []
+        for planned in plan_batches(lengths, self.token_budget, self.max_batch_size):
+            out.extend(split_by_padding(planned, lengths, self.max_padding))
+        return out
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -62,3 +118,63 @@ def split_by_padding(batch: Sequence[int], lengths: Sequence[int], max_padding: 
     if current:
         out.append(current)
     return out
+
+
+def forward_isolating(
+    forward: ForwardFn,
+    items: Sequence[EncodedItem],
+    *,
+    observer: BatchObserver | None = None,
+    on_failure: Callable[[Exception], None] | None = None,
+    skip: Callable[[int], bool] | None = None,
+) -> list[ItemScore | Exception]:
+    """Run one batch; if it raises (a poison item, an OOM), split it in halves and re-run, down to
+    single items, so only the culprit fails, after O(log n) extra forwards. Halving is also the right
+    answer to an OOM. Returns a score or the exception per item, in order; `skip(i)` drops items
+    whose caller has gone (they get no forward). Runs on the caller's thread: the batcher calls it
+    on its forward thread, the JSONL job inline."""
+    out: list[ItemScore | Exception | None] = [None] * len(items)
+    _isolate(forward, items, list(range(len(items))), out, observer, on_failure, skip)
+    return [r if r is not None else _SKIPPED for r in out]
+
+
+_SKIPPED = RuntimeError("skipped: its request was dropped before scoring")
+
+
+def _isolate(
+    forward: ForwardFn,
+    items: Sequence[EncodedItem],
+    idxs: list[int],
+    out: list[ItemScore | Exception | None],
+    observer: BatchObserver | None,
+    on_failure: Callable[[Exception], None] | None,
+    skip: Callable[[int], bool] | None,
+) -> None:
+    live = [i for i in idxs if skip is None or not skip(i)]
+    if not live:
+        return
+    batch = [items[i] for i in live]
+    start = time.perf_counter()
+    try:
+        scores = forward(batch)
+        if len(scores) != len(batch):
+            raise RuntimeError(f"engine returned {len(scores)} scores for {len(batch)} items")
+    except Exception as e:  # noqa: BLE001 - any engine failure is isolated, never fatal
+        if on_failure is not None:
+            on_failure(e)
+        if len(live) == 1:
+            log.error("item failed alone: %s", type(e).__name__, exc_info=e)
+            out[live[0]] = e
+            return
+        log.warning("batch of %d failed (%s: %s); splitting to isolate", len(live), type(e).__name__, e)
+        half = len(live) // 2
+        _isolate(forward, items, live[:half], out, observer, on_failure, skip)
+        _isolate(forward, items, live[half:], out, observer, on_failure, skip)
+        return
+    if observer is not None:
+        try:
+            observer(batch, scores, time.perf_counter() - start)
+        except Exception:  # metrics must never fail a request
+            log.exception("batch observer failed")
+    for i, s in zip(live, scores, strict=True):
+        out[i] = s

@@ -64,18 +64,55 @@ def models_import(
         str | None, typer.Option("--version", help="Version label (default: next vN).")
     ] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickled .bin weights.")] = False,
+    allow_constant_rewards: Annotated[
+        bool,
+        typer.Option(
+            help="Import even if a head gives the same reward to every probe input "
+            "(normally a sign of zeroed or corrupted weights)."
+        ),
+    ] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Publish a checkpoint into the store atomically, with checksums of every file."""
+    """Publish a checkpoint into the store atomically, with checksums of every file.
+
+    The copy is verified against the source's own manifest checksums (when it has them), loaded and
+    self-checked as `serve` would, and probed; a refused import publishes nothing.
+    """
+    _quiet_hf()
+    from transformers.utils import logging as hf_logging
+
     from model_store import ModelStore, ModelStoreError
+    from service.import_check import ImportCheck, check_importable
+
+    hf_logging.disable_progress_bar()  # the import prints its verdict, not a weight-loading bar
+
+    settings = _settings(store_root=store)
+    checked: list[ImportCheck] = []
+
+    def check(copy: Path) -> None:
+        try:
+            checked.append(
+                check_importable(
+                    copy, settings, allow_pickle=allow_pickle, allow_constant=allow_constant_rewards
+                )
+            )
+        except ModelStoreError as e:  # name the operator's directory, not the hidden copy being checked
+            raise type(e)(str(e).replace(str(copy), str(path))) from e
 
     try:
-        ref = ModelStore(_settings(store_root=store).store_root).publish(
-            path, name, version, allow_pickle=allow_pickle
+        ref = ModelStore(settings.store_root).publish(
+            path, name, version, allow_pickle=allow_pickle, check=check
         )
     except (ModelStoreError, FileExistsError) as e:
-        raise _fail(str(e)) from e
-    typer.echo(f"imported {ref} -> {ref.path}")
+        raise _fail(f"{e}\nrefused: nothing was published") from e
+    if checked and checked[0].constant_heads:
+        typer.secho(
+            f"WARNING: head(s) {', '.join(checked[0].constant_heads)} give the same reward to every "
+            "probe input; imported only because of --allow-constant-rewards",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    typer.echo(f"imported {ref} -> {ref.path} (loaded and self-checked as `serve` would)")
 
 
 @models_app.command("show")
@@ -103,28 +140,30 @@ def demo(
 ) -> None:
     """Score two example responses and print every head: a smoke test of the whole engine."""
     _quiet_hf()
-    from service.aggregation import aggregate
     from service.engine import Item
     from service.settings import build_engine
 
-    engine = build_engine(_settings(model=model, store_root=store))
+    settings = _settings(model=model, store_root=store)
+    engine = build_engine(settings)
+    agg = settings.resolved_aggregation(engine.manifest)
     items = [
         Item(prompt="What is the capital of France?", response="The capital of France is Paris."),
         Item(prompt="What is the capital of France?", response="I don't know, maybe bananas."),
     ]
     for item, s in zip(items, engine.score(items), strict=True):
-        agg = aggregate(s, engine.manifest.default_aggregation, engine.manifest.uwo_lambda)
         heads = ", ".join(f"{n}={r:+.4f}" for n, r in zip(engine.head_names, s.rewards, strict=True))
-        typer.echo(
-            f"{item.response!r}: reward({engine.manifest.default_aggregation})={agg:+.4f} std={s.std:.4f} [{heads}]"
-        )
+        typer.echo(f"{item.response!r}: reward({agg.name})={agg.apply(s):+.4f} std={s.std:.4f} [{heads}]")
 
 
 @app.command()
 def score(
     input: Annotated[
         Path,
-        typer.Option("--input", "-i", help="JSONL: {prompt, response} | {messages} | {text}, optional id."),
+        typer.Option(
+            "--input",
+            "-i",
+            help="JSONL: {prompt, response} | {messages} | {text}, optional id; validated as /v1/score items.",
+        ),
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL of rewards, in input order.")],
     model: Annotated[str | None, typer.Option(help="Model spec (default: the embedded default).")] = None,
@@ -151,16 +190,11 @@ def score(
     from service.settings import build_engine
 
     try:
-        engine = build_engine(_settings(model=model, store_root=store))
-        job = ScoreJob(
-            engine,
-            input,
-            output,
-            errors,
-            aggregation=aggregation,
-            uwo_lambda=uwo_lambda,
-            chunk_size=chunk_size,
-        )
+        # CLI options override HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA, as `serve` honours them too.
+        settings = _settings(model=model, store_root=store, aggregation=aggregation, uwo_lambda=uwo_lambda)
+        engine = build_engine(settings)
+        agg = settings.resolved_aggregation(engine.manifest)
+        job = ScoreJob(engine, input, output, errors, aggregation=agg, chunk_size=chunk_size)
         result = job.run(restart=restart, progress_bar=progress)
     except (JobError, ModelStoreError, ValueError) as e:
         raise _fail(str(e)) from e
@@ -203,3 +237,137 @@ def main() -> None:  # pragma: no cover - console entry point
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# -- Ray (service/ray_serve.py, service/ray_jobs.py); `pip install ray[serve,data]` --------------------
+def _ray_init(address: str | None) -> None:
+    import os
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError as e:
+        raise _fail("Ray is not installed: pip install 'ray[serve,data]'") from e
+    ray.init(address=address, ignore_reinit_error=True)
+
+
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)."),
+]
+NumGpusOpt = Annotated[
+    float | None, typer.Option(help="GPUs per replica/actor (default: 1 when the cluster has GPUs, else 0).")
+]
+
+
+@app.command("score-ray")
+def score_ray(
+    input: Annotated[Path, typer.Option("--input", "-i", help="JSONL, as for `hydra-rm score`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL of rewards, in input order.")],
+    model: Annotated[str | None, typer.Option(help="Model spec (default: the embedded default).")] = None,
+    errors: Annotated[
+        Path | None, typer.Option(help="Bad lines go here (default: <output stem>.errors.jsonl).")
+    ] = None,
+    aggregation: Annotated[str | None, typer.Option(help="min, mean, max, uwo or head:<i>.")] = None,
+    uwo_lambda: Annotated[float | None, typer.Option(help="lambda for uwo.")] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Lines per checkpoint and per Ray task.")] = 512,
+    actors: Annotated[int, typer.Option(min=1, help="Engines in the Ray Data actor pool.")] = 2,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per actor.")] = 1.0,
+    num_gpus: NumGpusOpt = None,
+    address: RayAddressOpt = None,
+    restart: Annotated[bool, typer.Option(help="Ignore earlier progress and overwrite the output.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with items/s.")] = True,
+    store: StoreOpt = None,
+) -> None:
+    """`score` on a Ray cluster: Ray Data actors score the chunks; same output, order, errors and resume."""
+    _quiet_hf()
+    from model_store import ModelStoreError
+    from service.jobs import JobError
+
+    _ray_init(address)
+    from service.ray_jobs import RayScoreJob
+
+    try:
+        job = RayScoreJob(
+            _settings(model=model, store_root=store, aggregation=aggregation, uwo_lambda=uwo_lambda),
+            input,
+            output,
+            errors,
+            chunk_size=chunk_size,
+            actors=actors,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        result = job.run(restart=restart, progress_bar=progress)
+    except (JobError, ModelStoreError, ValueError) as e:
+        raise _fail(str(e)) from e
+    typer.echo(
+        f"scored {result.scored} items, {result.errors} errors (-> {job.errors}), "
+        f"{result.skipped} lines resumed from an earlier run; output: {output}"
+    )
+
+
+@app.command("serve-ray")
+def serve_ray(
+    replicas: Annotated[int, typer.Option(min=1, help="Serve replicas (one engine each).")] = 1,
+    host: Annotated[str | None, typer.Option(help="Serve HTTP address (default: $HYDRA_RM_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Serve HTTP port (default: $HYDRA_RM_PORT).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model spec (default: the embedded default).")] = None,
+    num_cpus: Annotated[float, typer.Option(help="CPUs per replica.")] = 1.0,
+    num_gpus: NumGpusOpt = None,
+    address: RayAddressOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Serve the same HTTP API from N Ray Serve replicas (blocks until interrupted)."""
+    _quiet_hf()
+    _ray_init(address)
+    from service import ray_serve
+
+    url = ray_serve.run(
+        _settings(model=model, store_root=store),
+        replicas=replicas,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        host=host,
+        port=port,
+        blocking=False,
+    )
+    typer.echo(f"hydra-rm on Ray Serve: {url} ({replicas} replicas); Ctrl-C to stop")
+    import time
+
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+# Training, evaluation and experiments live in training/ (torch training stack, accelerate, peft):
+# these wrappers import it only when one of its commands runs, so serving never imports training.
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@app.command("train", context_settings=_PASS_THROUGH, add_help_option=False)
+def train_cmd(ctx: typer.Context) -> None:
+    """Train K Bradley-Terry reward heads on a shared encoder (`hydra-rm train --help`)."""
+    from training.cli import run
+
+    run(["train", *ctx.args])
+
+
+@app.command("eval", context_settings=_PASS_THROUGH, add_help_option=False)
+def eval_cmd(ctx: typer.Context) -> None:
+    """Evaluate a reward model on preference pairs: accuracy, calibration, disagreement (`--help`)."""
+    from training.cli import run
+
+    run(["eval", *ctx.args])
+
+
+@app.command("experiment", context_settings=_PASS_THROUGH, add_help_option=False)
+def experiment_cmd(ctx: typer.Context) -> None:
+    """Offline experiments, e.g. `hydra-rm experiment overopt --out docs/experiments/` (`--help`)."""
+    from training.cli import run
+
+    run(["experiment", *ctx.args])

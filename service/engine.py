@@ -19,51 +19,12 @@ from torch import nn
 from kernels import multihead_reward
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
-from service.batching import plan_batches
+from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
+from service.batching import BatchPolicy
 
-# Characters kept per token of max_length when pre-cutting huge strings: real tokens average 3-5
-# characters, and byte-level BPE merges rarely exceed ~30, so 64 keeps every token that could survive.
-PRECUT_CHARS_PER_TOKEN = 64
+__all__ = ["EncodedItem", "Item", "ItemError", "ItemScore", "ScoringEngine"]
 
 PoolKind = Literal["last_token", "first_token", "pooler", "cls_head"]
-
-
-class ItemError(ValueError):
-    """An item the engine cannot score as given; `field` names the offending field for a 4xx."""
-
-    def __init__(self, message: str, field: str = "item") -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True)
-class Item:
-    """One thing to score: prompt+response, a chat `messages` list, or raw `text` (exactly one form)."""
-
-    prompt: str | None = None
-    response: str | None = None
-    messages: Sequence[dict[str, Any]] | None = None
-    text: str | None = None
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Item:
-        return cls(
-            prompt=d.get("prompt"), response=d.get("response"), messages=d.get("messages"), text=d.get("text")
-        )
-
-
-@dataclass
-class EncodedItem:
-    """Token ids ready for the encoder; `original_tokens` is the length before truncation."""
-
-    input_ids: list[int]
-    token_type_ids: list[int] | None
-    truncated: bool
-    original_tokens: int
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.input_ids)
 
 
 @dataclass
@@ -127,8 +88,7 @@ class ScoringEngine:
         self,
         rm: RewardModel,
         *,
-        token_budget: int = 2048,
-        max_batch_size: int = 64,
+        policy: BatchPolicy | None = None,
         padding_side: Literal["right", "left"] = "right",
         max_length: int | None = None,
         truncation_side: str | None = None,
@@ -137,19 +97,25 @@ class ScoringEngine:
         self.model = rm.model
         self.tokenizer = rm.tokenizer
         self.manifest = rm.manifest
-        self.token_budget = token_budget
-        self.max_batch_size = max_batch_size
-        model_max = getattr(self.model.config, "max_position_embeddings", None) or 10**9
-        self.max_length = min(max_length or self.manifest.max_length, model_max)
-        self.truncation_side = truncation_side or self.manifest.truncation_side
+        self.device = next(self.model.parameters()).device
+        # How `score` batches; the service's batcher and the JSONL job plan with this same policy.
+        self.policy = policy or BatchPolicy.resolve(str(self.device))
+        model_max = getattr(self.model.config, "max_position_embeddings", None)
+        self.items = ItemTokenizer(
+            self.tokenizer,
+            self.manifest,
+            max_length=max_length,
+            truncation_side=truncation_side,
+            model_max_length=model_max,
+        )
+        self.max_length = self.items.max_length
+        self.truncation_side = self.items.truncation_side
         self.head = _resolve_head(self.model, self.manifest.pooling)
         self.is_decoder = self.head.kind == "last_token"
         # Encoders pool at position 0 (CLS) and use absolute positions: they must be right-padded.
         self.padding_side = padding_side if self.is_decoder else "right"
-        self.device = next(self.model.parameters()).device
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._special_ids = set(self.tokenizer.all_special_ids)
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.has_chat_template = self.items.has_chat_template
         self.weight, self.bias = self._fold_heads()
         if self.head.kind == _resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
             self._self_check()
@@ -184,7 +150,7 @@ class ScoringEngine:
     def _self_check(self) -> None:
         """Refuse an architecture whose head we would reproduce wrongly (e.g. DistilBERT's
         pre_classifier, ELECTRA's GELU head): one probe through our path vs. the model's own forward."""
-        ids, types = self._tokenize(Item(text="hydra-rm self-check: is this reward the model's own?"))
+        ids, types = self.items.tokenize(Item(text="hydra-rm self-check: is this reward the model's own?"))
         cut = slice(0, min(len(ids), self.max_length))  # whatever the truncation policy, probe in range
         probe = EncodedItem(ids[cut], types[cut] if types is not None else None, False, len(ids))
         ours = torch.tensor(self.forward([probe])[0].rewards)
@@ -204,106 +170,9 @@ class ScoringEngine:
             )
 
     # -- tokenization ----------------------------------------------------------------------------
-    def encode(self, item: Item | dict[str, Any]) -> EncodedItem:
-        """Tokenize with the chat template where there is one, then apply the truncation policy."""
-        if isinstance(item, dict):
-            item = Item.from_dict(item)
-        try:
-            ids, types = self._tokenize(item)
-        except ItemError:
-            raise
-        except Exception as e:  # e.g. lone surrogates the tokenizer cannot encode: the item's fault
-            raise ItemError(f"could not tokenize the item: {e}", field=_main_field(item)) from e
-        n = len(ids)
-        if n <= self.max_length:
-            return EncodedItem(ids, types, self._was_precut(item), n)
-        if self.truncation_side == "reject":
-            raise ItemError(
-                f"item has {n} tokens, over max_length={self.max_length} (truncation is set to reject)",
-                field=_main_field(item),
-            )
-        keep = self._truncate_slices(ids, n)
-        ids = [t for s in keep for t in ids[s]]
-        types = [t for s in keep for t in types[s]] if types is not None else None
-        return EncodedItem(ids, types, True, n)
-
-    def _truncate_slices(self, ids: list[int], n: int) -> list[slice]:
-        """Left (default): keep leading special tokens (BOS/CLS) and the end, so the response end survives.
-
-        Right: keep the start and the trailing special tokens (EOS/SEP), for models trained that way.
-        """
-        limit = self.max_length
-        if self.truncation_side == "left":
-            lead = 0
-            while lead < n and ids[lead] in self._special_ids and lead < limit // 2:
-                lead += 1
-            return [slice(0, lead), slice(n - (limit - lead), n)]
-        trail = 0
-        while trail < n and ids[n - 1 - trail] in self._special_ids and trail < limit // 2:
-            trail += 1
-        return [slice(0, limit - trail), slice(n - trail, n)]
-
-    def _tokenize(self, item: Item) -> tuple[list[int], list[int] | None]:
-        tok = self.tokenizer
-        forms = [
-            item.text is not None,
-            item.messages is not None,
-            item.prompt is not None or item.response is not None,
-        ]
-        if sum(forms) != 1:
-            raise ItemError("give exactly one of: prompt+response, messages, or text", field="item")
-        if item.text is not None:
-            if not isinstance(item.text, str):
-                raise ItemError("text must be a string", field="text")
-            enc = tok(self._precut(item.text), add_special_tokens=True)
-        elif item.messages is not None:
-            messages = _check_messages(item.messages)
-            if self.has_chat_template:
-                enc = tok(self._render(messages, "messages"), add_special_tokens=False)
-            else:  # documented fallback: "role: content" lines as plain text
-                enc = tok(
-                    "\n".join(f"{m['role']}: {m['content']}" for m in messages), add_special_tokens=True
-                )
-        else:
-            if not isinstance(item.prompt, str):
-                raise ItemError("prompt must be a string when response is given", field="prompt")
-            if not isinstance(item.response, str):
-                raise ItemError("response must be a string when prompt is given", field="response")
-            prompt, response = self._precut(item.prompt), self._precut(item.response)
-            if self.has_chat_template:
-                chat = [
-                    {"role": "user", "content": prompt},
-                    {"role": "assistant", "content": response},
-                ]
-                enc = tok(self._render(chat, "prompt"), add_special_tokens=False)
-            else:  # the tokenizer's own pair template (e.g. [CLS] p [SEP] r [SEP] for BERT-likes)
-                enc = tok(prompt, response, add_special_tokens=True)
-        ids = list(enc["input_ids"])
-        types = list(enc["token_type_ids"]) if "token_type_ids" in enc else None
-        if not ids:
-            raise ItemError("item tokenizes to zero tokens", field=_main_field(item))
-        return ids, types
-
-    def _precut(self, text: str) -> str:
-        """Drop what truncation would drop anyway before tokenizing a huge string (a 14 MB query took
-        8.5 s to tokenize into 7.6M tokens to keep 512). The cut keeps far more characters than
-        max_length tokens can span, so it does not change which tokens survive; `original_tokens`
-        then counts the pre-cut text."""
-        limit = self.max_length * PRECUT_CHARS_PER_TOKEN
-        if len(text) <= limit or self.truncation_side == "reject":
-            return text
-        return text[-limit:] if self.truncation_side == "left" else text[:limit]
-
-    def _was_precut(self, item: Item) -> bool:
-        limit = self.max_length * PRECUT_CHARS_PER_TOKEN
-        texts = (item.text, item.prompt, item.response)
-        return self.truncation_side != "reject" and any(isinstance(t, str) and len(t) > limit for t in texts)
-
-    def _render(self, messages: list[dict[str, str]], field: str) -> str:
-        try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception as e:  # template-level constraints (role order, unknown roles)
-            raise ItemError(f"chat template rejected the conversation: {e}", field=field) from e
+    def encode(self, item: Item) -> EncodedItem:
+        """Tokenize and truncate per the model's policy (model_store/tokenization.py)."""
+        return self.items.encode(item)
 
     # -- scoring ---------------------------------------------------------------------------------
     def forward(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
@@ -358,14 +227,14 @@ class ScoringEngine:
         return hidden, index
 
     def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
-        """Length-sorted batches under the token budget; results in input order."""
+        """Batches planned by `self.policy`; results in input order."""
         results: list[ItemScore | None] = [None] * len(encoded)
-        for idxs in plan_batches([e.n_tokens for e in encoded], self.token_budget, self.max_batch_size):
+        for idxs in self.policy.plan([e.n_tokens for e in encoded]):
             for i, s in zip(idxs, self.forward([encoded[i] for i in idxs]), strict=True):
                 results[i] = s
         return results  # type: ignore[return-value]
 
-    def score(self, items: Iterable[Item | dict[str, Any]]) -> list[ItemScore]:
+    def score(self, items: Iterable[Item]) -> list[ItemScore]:
         return self.score_encoded([self.encode(it) for it in items])
 
     def warmup(self) -> None:
@@ -383,31 +252,6 @@ class ScoringEngine:
             "pooling": self.head.kind,
             "max_length": self.max_length,
             "truncation_side": self.truncation_side,
-            "default_aggregation": self.manifest.default_aggregation,
-            "uwo_lambda": self.manifest.uwo_lambda,
             "chat_template": self.has_chat_template,
             "device": str(self.device),
         }
-
-
-def _main_field(item: Item) -> str:
-    if item.text is not None:
-        return "text"
-    if item.messages is not None:
-        return "messages"
-    return "response"
-
-
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        raise ItemError("messages must be a non-empty list of {role, content} objects", field="messages")
-    out = []
-    for i, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise ItemError(f"messages[{i}] must be an object with string role and content", field="messages")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out

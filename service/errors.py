@@ -15,10 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.metrics import ERROR_TYPE_KEY
 from service.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("hydra_rm.errors")
+
+# Set on the ASGI scope by whoever answers an error (handlers below, auth, body limit): the reason a
+# request was rejected, which the metrics middleware reads to label hydra_rm_rejected_requests.
+ERROR_TYPE_KEY = "hydra_rm.error_type"
 
 
 class ServiceError(Exception):
@@ -84,8 +87,8 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-def field_path(loc: Sequence[Any]) -> str:
-    """('body', 'items', 3, 'text') -> 'items[3].text'; the body itself is 'body'."""
+def field_path(loc: Sequence[Any], root: str = "body") -> str:
+    """('body', 'items', 3, 'text') -> 'items[3].text'; the body itself is `root`."""
     parts = list(loc[1:] if loc and loc[0] in {"body", "query", "path", "header"} else loc)
     out = ""
     for p in parts:
@@ -93,15 +96,18 @@ def field_path(loc: Sequence[Any]) -> str:
             out += f"[{p}]"
         else:
             out += f".{p}" if out else str(p)
-    return out or "body"
+    return out or root
 
 
-def _validation_message(errors: Sequence[dict[str, Any]]) -> tuple[str, str]:
+def validation_message(errors: Sequence[dict[str, Any]], root: str = "body") -> tuple[str, str]:
+    """(field, message) for pydantic errors: the first one, plus how many more. A JSONL line is
+    validated as one item (`root="item"`), so it gets the field and message the same item gets over
+    HTTP, without the `items[i].` prefix."""
     first = errors[0]
     loc = first.get("loc", ())
     if first.get("type") == "json_invalid":
         return "body", f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}"
-    field = field_path(loc)
+    field = field_path(loc, root)
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return field, f"{field}: {msg}{more}"
@@ -121,7 +127,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         request.scope[ERROR_TYPE_KEY] = "invalid_request"
-        field, message = _validation_message(exc.errors())
+        field, message = validation_message(exc.errors())
         return error_response(422, "invalid_request", message, field)
 
     @app.exception_handler(StarletteHTTPException)

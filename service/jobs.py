@@ -21,9 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from model_store.manifest import validate_aggregation
-from service.aggregation import aggregate
+from pydantic import ValidationError
+
+from model_store.aggregation import Aggregation, resolve_aggregation
+from model_store.uncertainty import std_percentile
+from service.batching import forward_isolating
 from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
+from service.errors import validation_message
+from service.protocol import ScoreItem
 
 PROGRESS_VERSION = 1
 
@@ -67,6 +72,8 @@ def model_fingerprint(engine: ScoringEngine) -> str:
         "truncation_side": engine.truncation_side,
         "normalization": rm.manifest.normalization.model_dump() if rm.manifest.normalization else None,
         "dtype": str(engine.weight.dtype),
+        # Rows carry std_percentile: other quantiles, other rows.
+        "disagreement": rm.manifest.disagreement.model_dump() if rm.manifest.disagreement else None,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -106,7 +113,12 @@ def _parse(lineno: int, raw: bytes) -> tuple[Item, Any]:
         raise ItemError(f"invalid JSON: {e.msg} at column {e.colno}", field="line") from e
     if not isinstance(obj, dict):
         raise ItemError("each line must be a JSON object", field="line")
-    return Item.from_dict(obj), obj.get("id")
+    item_id = obj.pop("id", None)
+    try:  # the same validator as an item of a /v1/score body: same field, same message
+        return ScoreItem.model_validate(obj).to_item(), item_id
+    except ValidationError as e:
+        field, message = validation_message(e.errors(), root="item")
+        raise ItemError(message, field=field) from e
 
 
 def _raw_excerpt(raw: bytes) -> str:
@@ -123,8 +135,7 @@ class ScoreJob:
         output_path: Path,
         errors_path: Path | None = None,
         *,
-        aggregation: str | None = None,
-        uwo_lambda: float | None = None,
+        aggregation: Aggregation | None = None,
         chunk_size: int = 512,
     ) -> None:
         self.engine = engine
@@ -132,10 +143,7 @@ class ScoreJob:
         self.output = Path(output_path)
         self.errors = Path(errors_path) if errors_path else default_errors_path(self.output)
         self.progress = _progress_path(self.output)
-        self.aggregation = validate_aggregation(
-            aggregation or engine.manifest.default_aggregation, engine.num_heads
-        )
-        self.uwo_lambda = engine.manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
+        self.aggregation = aggregation or resolve_aggregation(engine.manifest)
         self.chunk_size = chunk_size
         paths = [p.resolve() for p in (self.input, self.output, self.errors, self.progress)]
         if len(set(paths)) != len(paths):
@@ -146,8 +154,8 @@ class ScoreJob:
             "input": _fingerprint(self.input),
             "model": f"{self.engine.rm.name}:{self.engine.rm.version}",
             "model_fingerprint": model_fingerprint(self.engine),
-            "aggregation": self.aggregation,
-            "uwo_lambda": self.uwo_lambda,
+            "aggregation": self.aggregation.name,
+            "uwo_lambda": self.aggregation.uwo_lambda,
             "errors": str(self.errors.resolve()),
         }
 
@@ -266,19 +274,20 @@ class ScoreJob:
         failures: dict[int, dict[str, Any]],
         raw: dict[int, bytes],
     ) -> list[ItemScore | None]:
-        """Score the chunk; if a batch fails, rescore its items one by one so only the culprit is lost."""
-        try:
-            return list(self.engine.score_encoded(encoded))
-        except Exception:
-            pass
-        results: list[ItemScore | None] = []
-        for e, (lineno, _) in zip(encoded, meta, strict=True):
-            try:
-                results.append(self.engine.forward([e])[0])
-            except Exception as exc:  # an item that breaks the model: recorded, never dropped
-                results.append(None)
-                failures[lineno] = _failure(lineno, "item", f"scoring failed: {exc!r}", raw[lineno])
-        if len(results) > 1 and all(r is None for r in results):
+        """Score the chunk in the engine's batches (the service's policy); a batch that fails is bisected
+        down to the culprit, which is recorded, never dropped."""
+        results: list[ItemScore | None] = [None] * len(encoded)
+        lost = 0
+        for idxs in self.engine.policy.plan([e.n_tokens for e in encoded]):
+            scored = forward_isolating(self.engine.forward, [encoded[i] for i in idxs])
+            for i, r in zip(idxs, scored, strict=True):
+                if isinstance(r, Exception):
+                    lost += 1
+                    lineno = meta[i][0]
+                    failures[lineno] = _failure(lineno, "item", f"scoring failed: {r!r}", raw[lineno])
+                else:
+                    results[i] = r
+        if len(encoded) > 1 and lost == len(encoded):
             raise JobError("every item of a chunk failed to score: the model is broken, not the data")
         return results
 
@@ -288,10 +297,11 @@ class ScoreJob:
             rec["id"] = item_id
         rec.update(
             line=lineno,
-            reward=aggregate(s, self.aggregation, self.uwo_lambda),
-            aggregation=self.aggregation,
+            reward=self.aggregation.apply(s),
+            aggregation=self.aggregation.name,
             heads=dict(zip(self.engine.head_names, s.rewards, strict=True)),  # same key as /v1/score
             **s.summary(),
+            std_percentile=std_percentile(s.std, self.engine.manifest.disagreement),  # as /v1/score
         )
         return rec
 

@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import ERROR_TYPE_KEY
+from service.middleware import SCORING_PATHS
+
 if TYPE_CHECKING:
     from service.engine import EncodedItem, ItemScore
-
-ARRIVED_KEY = "hydra_rm.arrived"
-SUBMITTED_KEY = "hydra_rm.submitted"  # set once a scoring request's items are in the batcher queue
-ERROR_TYPE_KEY = "hydra_rm.error_type"  # set by the error handlers: the reason a request was rejected
 
 # Rewards of normalised heads live around [-3, 3]; untrained heads can stray further.
 _REWARD_BUCKETS = (
@@ -104,6 +103,9 @@ class Metrics:
             "hydra_rm_tokens_per_second", "Real tokens per second of inference, last batch.", registry=r
         )
         self.items = Counter("hydra_rm_items_scored", "Items scored.", registry=r)
+        # hydra_rm_items_above_reference_p95: registered by set_reference_p95 once the model is known.
+        self.above_reference_p95: Counter | None = None
+        self._reference_p95: float | None = None
         self.truncated = Counter("hydra_rm_truncated_items", "Items cut to max_length.", registry=r)
         self.batch_failures = Counter(
             "hydra_rm_batch_failures", "Encoder batches that raised (then split to isolate).", registry=r
@@ -133,19 +135,30 @@ class Metrics:
         )
         self._head_children: list[Histogram] = []
         self.set_heads(head_names)
-        # Scoring requests received but not yet queued (reading body, validating, tokenizing): the
-        # batcher waits for these, and only these, before flushing a part-full batch.
-        self.arriving = 0
-        Gauge(
+        self.arriving = Gauge(
             "hydra_rm_requests_arriving",
-            "Scoring requests received but not yet queued (body, validation, tokenization).",
+            "Scoring requests whose body has arrived, not yet queued (validation, tokenization).",
             registry=r,
-        ).set_function(lambda: self.arriving)
+        )
 
-    def submitted(self, scope: dict) -> None:
-        if scope.get(SUBMITTED_KEY) is False:
-            scope[SUBMITTED_KEY] = True
-            self.arriving -= 1
+    def set_reference_p95(self, p95: float | None) -> None:
+        """Count items above the model's reference p95 of head std (the dashboard's drift share).
+
+        Registered only for models with stored quantiles: a 0 share for a model that cannot know
+        would read as "no drift", so without them the series is absent and the panel says no data.
+        """
+        self._reference_p95 = p95
+        if p95 is not None and self.above_reference_p95 is None:
+            self.above_reference_p95 = Counter(
+                "hydra_rm_items_above_reference_p95",
+                "Items whose head std is above the model's reference-split p95 (about 5% of items on "
+                "data like the reference; a larger share is drift).",
+                registry=self.registry,
+            )
+
+    def track_arrivals(self, count: Callable[[], float]) -> None:
+        """Read at scrape time from the service's flow control (service/middleware.py: Arrivals)."""
+        self.arriving.set_function(count)
 
     def set_heads(self, head_names: Sequence[str]) -> None:
         # Resolve label children once: .labels() per observation is a dict lookup + lock we can skip.
@@ -179,6 +192,9 @@ class Metrics:
             truncated += s.truncated
         if truncated:
             self.truncated.inc(truncated)
+        p95, above = self._reference_p95, self.above_reference_p95
+        if p95 is not None and above is not None:
+            above.inc(sum(s.std > p95 for s in scores))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -196,7 +212,6 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        scope[ARRIVED_KEY] = time.monotonic()  # the request deadline counts from here
         status = 0  # no response started: set below from what happened
         raw_path = scope.get("path", "")
 
@@ -208,14 +223,10 @@ class RequestMetricsMiddleware:
 
         gauge = self.metrics.in_flight.labels(endpoint=raw_path if raw_path in _KNOWN else "other")
         gauge.inc()
-        if raw_path in _SCORING:
-            scope[SUBMITTED_KEY] = False
-            self.metrics.arriving += 1
         try:
             await self.app(scope, receive, send_status)
         finally:
             gauge.dec()
-            self.metrics.submitted(scope)  # a request that failed before queueing stops "arriving"
             if status == 0:  # the client left before any answer, or an exception escaped to Starlette
                 disconnected = scope.get(ERROR_TYPE_KEY) == "client_disconnected"
                 status = 499 if disconnected else 500
@@ -229,5 +240,5 @@ class RequestMetricsMiddleware:
                 self.metrics.rejected.labels(reason=scope.get(ERROR_TYPE_KEY) or f"http_{status}").inc()
 
 
-_SCORING = {"/v1/score", "/get_reward"}
+_SCORING = SCORING_PATHS
 _KNOWN = _SCORING | {"/v1/models", "/healthz", "/readyz", "/metrics"}

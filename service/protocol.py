@@ -8,9 +8,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-AGGREGATION_PATTERN = r"^(min|mean|max|uwo|head:[0-9]{1,4})$"
+from model_store.tokenization import Item
+from model_store.uncertainty import DisagreementQuantiles
+
+# Placed by ScoreItem's pre-check where one half of prompt+response is missing, so the error names
+# the missing field itself (`items[0].response`), not just the item.
+_MISSING_HALF = object()
 
 
 def _valid_unicode(value: str) -> str:
@@ -57,7 +70,11 @@ _ITEM_FORMS: dict[str, Any] = {
 
 
 class ScoreItem(BaseModel):
-    """One thing to score: `prompt` + `response`, a chat `messages` list, or raw `text`."""
+    """One thing to score: `prompt` + `response`, a chat `messages` list, or raw `text`.
+
+    The only validator of items: HTTP bodies and JSONL lines both parse with it, then convert once,
+    with `to_item`, to the engine's typed `Item`.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_ITEM_FORMS)
 
@@ -68,23 +85,35 @@ class ScoreItem(BaseModel):
     )
     text: Text = _absent("Raw text, tokenized as is.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mark_missing_half(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "text" not in data and "messages" not in data:
+            if ("prompt" in data) != ("response" in data):
+                data = {**data, ("response" if "prompt" in data else "prompt"): _MISSING_HALF}
+        return data
+
+    @field_validator("prompt", "response", mode="before")
+    @classmethod
+    def _half_present(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is _MISSING_HALF:
+            raise ValueError(f"prompt and response go together: `{info.field_name}` is missing")
+        return value
+
     @model_validator(mode="after")
     def _one_form(self) -> ScoreItem:
         forms = [self.text is not None, self.messages is not None]
         forms.append(self.prompt is not None or self.response is not None)
         if sum(forms) != 1:
             raise ValueError("give exactly one of: prompt+response, messages, or text")
-        if forms[2] and (self.prompt is None or self.response is None):
-            missing = "response" if self.response is None else "prompt"
-            raise ValueError(f"prompt and response go together: `{missing}` is missing")
         return self
 
-    def to_engine(self) -> dict[str, Any]:
+    def to_item(self) -> Item:
         if self.messages is not None:
-            return {"messages": [m.model_dump() for m in self.messages]}
+            return Item(messages=tuple({"role": m.role, "content": m.content} for m in self.messages))
         if self.text is not None:
-            return {"text": self.text}
-        return {"prompt": self.prompt, "response": self.response}
+            return Item(text=self.text)
+        return Item(prompt=self.prompt, response=self.response)
 
 
 class ScoreRequest(BaseModel):
@@ -93,7 +122,7 @@ class ScoreRequest(BaseModel):
     items: list[ScoreItem] = Field(min_length=1, description="Items to score (at most the server's limit).")
     aggregation: str | None = Field(
         default=None,
-        pattern=AGGREGATION_PATTERN,
+        max_length=16,
         description="`min` (default: pessimistic), `mean`, `max`, `uwo` (mean - lambda * var) or "
         "`head:<i>`. Default: the server's.",
     )
@@ -112,6 +141,12 @@ class ScoreResult(BaseModel):
     std: float = Field(description="Head disagreement: population std across heads.")
     tokens: int = Field(description="Tokens scored (after truncation).")
     truncated: bool
+    std_percentile: float | None = Field(
+        default=None,
+        description="Percentile (0-100) of `std` among the model's reference-split stds, stored at "
+        "training time; above 95 means more disagreement than 95% of what the model was fitted on. "
+        "Null for models without stored quantiles.",
+    )
 
 
 class Usage(BaseModel):
@@ -145,7 +180,8 @@ class GetRewardResponse(BaseModel):
     scores: list[float] = Field(description="Same as `rewards` (OpenRLHF reads either).")
     extra_logs: dict[str, list[float]] = Field(
         description="Per-query values OpenRLHF logs: `reward_std`, `reward_min`, `reward_mean`, "
-        "`reward_max` and one key per head name."
+        "`reward_max`, one key per head name, and `std_percentile` (percentile of `reward_std` among "
+        "the reference split's stds) only for models with stored quantiles."
     )
 
 
@@ -166,6 +202,11 @@ class ModelCard(BaseModel):
     device: str
     token_budget: int
     max_batch_size: int
+    disagreement: DisagreementQuantiles | None = Field(
+        default=None,
+        description="Quantiles of the head std on the reference split (what `std_percentile` is "
+        "measured against); null for models without.",
+    )
 
 
 class ModelList(BaseModel):

@@ -8,69 +8,66 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
 from starlette.types import Receive
 
-from model_store.manifest import validate_aggregation
+from model_store.aggregation import Aggregation
+from model_store.uncertainty import DisagreementQuantiles, std_percentile
 from service.batcher import Batcher
-from service.engine import EncodedItem, ItemError, ItemScore, ScoringEngine
+from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
-from service.metrics import ARRIVED_KEY, Metrics
+from service.metrics import Metrics
+from service.middleware import ARRIVED_KEY, Arrivals
 from service.settings import Settings
+from service.tokenizing import TokenizerLane
 
 log = logging.getLogger("hydra_rm.runtime")
 
 # Requests up to this many items are tokenized on the event loop (cheaper than a thread hop for
-# OpenRLHF's one-sample requests); bigger ones go to a thread so the loop keeps answering.
+# OpenRLHF's one-sample requests); bigger ones go to the tokenizer lane so the loop keeps answering.
 INLINE_ENCODE_ITEMS = 8
 # Tokenizing is ~1 us/char here: a 14 MB query blocked the loop 9 s when this went by item count.
 INLINE_ENCODE_CHARS = 32_000
-# Large requests waiting for (or in) the tokenizer thread before new ones get 503: bounds the CPU and
+# Large requests waiting for (or in) the tokenizer lane before new ones get 503: bounds the CPU and
 # memory spent on requests the queue would likely refuse anyway.
 TOKENIZER_BACKLOG = 64
+# ...and the characters they may queue (after the pre-cut): ~1 us/char, so ~32 s of tokenizing, well
+# inside the default 150 s deadline; any one request under the default 16 MiB body limit fits.
+TOKENIZER_BACKLOG_CHARS = 32_000_000
 
 
 class ScoringService:
     """The model-facing half of the app; the routes only translate between HTTP and this."""
 
-    def __init__(self, settings: Settings, engine: ScoringEngine, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, engine: ScoringEngine, metrics: Metrics, arrivals: Arrivals | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
-        manifest = engine.manifest
-        try:
-            self.aggregation = validate_aggregation(
-                settings.aggregation or manifest.default_aggregation, engine.num_heads
-            )
-        except ValueError as e:
-            raise ValueError(f"HYDRA_RM_AGGREGATION: {e}") from e
-        self.uwo_lambda = settings.uwo_lambda if settings.uwo_lambda is not None else manifest.uwo_lambda
+        self.arrivals = arrivals or Arrivals()
+        self.aggregation = settings.resolved_aggregation(engine.manifest)
         self.head_names = engine.head_names
-        on_gpu = str(getattr(engine, "device", "cpu")).startswith("cuda")
-        self.max_padding = (
-            settings.max_padding if settings.max_padding is not None else (1.0 if on_gpu else 0.1)
-        )
+        # The reference-split std quantiles stored at training time (None: percentiles are null).
+        self.quantiles: DisagreementQuantiles | None = engine.manifest.disagreement
         self.batcher = Batcher(
             engine.forward,
-            token_budget=engine.token_budget,
-            max_batch_size=engine.max_batch_size,
+            engine.policy,
             max_queue_items=settings.max_queue_items,
             max_queue_tokens=settings.max_queue_tokens,
             max_wait_s=settings.max_wait_ms / 1000.0,
-            max_padding=self.max_padding,
             retry_after_s=settings.retry_after_s,
             observer=metrics.observe_batch,
             on_failure=lambda _: metrics.batch_failures.inc(),
-            more_coming=lambda: metrics.arriving > 0,
+            more_coming=self.arrivals.more_coming,
         )
         self.ready = False
         self.draining = False
         self._drain_started: float | None = None
-        self._tokenizing = 0  # large requests handed to the tokenizer thread and not back yet
-        self._tokenizer_pool: ThreadPoolExecutor | None = None
+        self.tokenizer: TokenizerLane | None = None  # started with the service
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -78,9 +75,17 @@ class ScoringService:
         """Warm up (first forward pays for lazy init), then start batching; only then ready."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.engine.warmup)
-        self._tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-rm-tokenize")
+        self.tokenizer = TokenizerLane(
+            lambda item: self.engine.encode(item),  # looked up per call, as the inline path does
+            max_requests=TOKENIZER_BACKLOG,
+            max_chars=TOKENIZER_BACKLOG_CHARS,
+            retry_after_s=self.settings.retry_after_s,
+            timeout_s=self.settings.request_timeout_s,
+        )
+        self.tokenizer.start()
         self.batcher.start()
         self.metrics.set_heads(self.head_names)
+        self.metrics.set_reference_p95(self.quantiles.p95 if self.quantiles is not None else None)
         self.metrics.track_queue(lambda: self.batcher.queued_items, lambda: self.batcher.queued_tokens)
         info = self.engine.describe()
         self.metrics.model_info.labels(
@@ -93,8 +98,8 @@ class ScoringService:
             info["name"],
             info["version"],
             self.engine.num_heads,
-            self.aggregation,
-            self.engine.token_budget,
+            self.aggregation.name,
+            self.engine.policy.token_budget,
         )
 
     def begin_drain(self) -> None:
@@ -112,6 +117,14 @@ class ScoringService:
         self.metrics.ready.set(0)
         self.batcher.flush_now()
 
+    async def cut_drain(self) -> int:
+        """The drain deadline is near: fail what is still queued with 503 `shutting_down` (see
+        service/drain.py) so those requests are answered before uvicorn cancels them. Returns the
+        number of items that will not be scored."""
+        left = self.batcher.queued_items
+        await self.batcher.close(0.0)
+        return left
+
     async def stop(self) -> None:
         self.draining = True
         self.ready = False
@@ -120,49 +133,45 @@ class ScoringService:
         # and orchestrators kill at their grace period (Kubernetes: 30 s), not at twice ours.
         spent = time.monotonic() - self._drain_started if self._drain_started is not None else 0.0
         await self.batcher.close(max(1.0, self.settings.drain_timeout_s - spent))
-        if self._tokenizer_pool is not None:
-            self._tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        if self.tokenizer is not None:
+            self.tokenizer.stop()
 
     # -- request policy --------------------------------------------------------------------------
-    def resolve_aggregation(self, requested: str | None) -> str:
+    def request_aggregation(self, requested: str | None, uwo_lambda: float | None) -> Aggregation:
+        """A request's aggregation: what it asked for, else the server's; its lambda, else the server's."""
+        lam = self.aggregation.uwo_lambda if uwo_lambda is None else uwo_lambda
         if requested is None:
-            return self.aggregation
+            return replace(self.aggregation, uwo_lambda=lam)
         try:
-            return validate_aggregation(requested, self.engine.num_heads)
+            return Aggregation.parse(requested, self.engine.num_heads, lam)
         except ValueError as e:
             raise InvalidInput(f"aggregation: {e}", field="aggregation") from e
 
-    async def score_items(self, items: Sequence[Any], field: str, request: Request) -> list[ItemScore]:
+    async def score_items(self, items: Sequence[Item], field: str, request: Request) -> list[ItemScore]:
         """What every scoring route does: count limit, tokenize, queue; errors name `field`."""
         self.check_count(len(items), field)
-        return await self.score(await self.encode(items, field), request, field)
+        deadline = _arrival(request) + self.settings.request_timeout_s
+        return await self.score(await self.encode(items, field, deadline), request, field)
 
     def check_count(self, n: int, field: str) -> None:
         limit = self.settings.max_items_per_request
         if n > limit:
             raise InvalidInput(f"{field}: {n} items, at most {limit} per request (split it)", field=field)
 
-    async def encode(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
+    async def encode(self, items: Sequence[Item], field: str, deadline: float) -> list[EncodedItem]:
         """Tokenize before queueing, so bad or over-long items get a 4xx at once and the batcher
-        budgets by real token counts."""
+        budgets by real token counts. Small requests inline; the rest on the tokenizer lane, which
+        serves the shortest first and gives up at `deadline` (time.monotonic)."""
         b = self.batcher
         if len(items) <= b.max_queue_items < b.queued_items + len(items):  # full: skip the tokenizing
             raise Overloaded(f"queue full ({b.queued_items} items waiting); retry later", b.retry_after_s)
-        small = len(items) <= INLINE_ENCODE_ITEMS and sum(map(_item_chars, items)) <= INLINE_ENCODE_CHARS
-        if small or self._tokenizer_pool is None:
+        costs = [self.engine.items.chars(it) for it in items]
+        small = len(items) <= INLINE_ENCODE_ITEMS and sum(costs) <= INLINE_ENCODE_CHARS
+        if small or self.tokenizer is None:
             return self._encode_all(items, field)
-        if self._tokenizing >= TOKENIZER_BACKLOG:  # the one tokenizer thread is already that far behind
-            raise Overloaded(
-                f"{self._tokenizing} large requests waiting to be tokenized; retry later", b.retry_after_s
-            )
-        self._tokenizing += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._tokenizer_pool, self._encode_all, items, field)
-        finally:
-            self._tokenizing -= 1
+        return await self.tokenizer.encode(items, costs, field, deadline)
 
-    def _encode_all(self, items: Sequence[Any], field: str) -> list[EncodedItem]:
+    def _encode_all(self, items: Sequence[Item], field: str) -> list[EncodedItem]:
         out = []
         for i, item in enumerate(items):
             try:
@@ -178,11 +187,11 @@ class ScoringService:
         """Queue the items and wait for them, their deadline, or the client hanging up."""
         if not encoded:
             return []
-        arrived = request.scope.get(ARRIVED_KEY, time.monotonic())
+        arrived = _arrival(request)
         try:
             job = self.batcher.submit(encoded, field)
         finally:
-            self.metrics.submitted(request.scope)
+            self.arrivals.done(request.scope)
         timeout = max(0.0, self.settings.request_timeout_s - (time.monotonic() - arrived))
         watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
         try:
@@ -204,15 +213,19 @@ class ScoringService:
             f"({self.batcher.queued_items} items still queued); the server is overloaded"
         )
 
+    def std_percentile(self, std: float) -> float | None:
+        """Where `std` falls among the reference split's stds (0-100); None without quantiles."""
+        return std_percentile(std, self.quantiles)
+
     def describe(self) -> dict[str, Any]:
-        info = self.engine.describe()
-        info.update(
-            default_aggregation=self.aggregation,
-            uwo_lambda=self.uwo_lambda,
-            token_budget=self.engine.token_budget,
-            max_batch_size=self.engine.max_batch_size,
-        )
-        return info
+        return {
+            **self.engine.describe(),
+            "disagreement": self.quantiles,
+            "default_aggregation": self.aggregation.name,
+            "uwo_lambda": self.aggregation.uwo_lambda,
+            "token_budget": self.engine.policy.token_budget,
+            "max_batch_size": self.engine.policy.max_batch_size,
+        }
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -227,9 +240,6 @@ async def _wait_for_disconnect(receive: Receive) -> None:
             await asyncio.Event().wait()
 
 
-def _item_chars(item: Any) -> int:
-    get = item.get if isinstance(item, dict) else lambda k: getattr(item, k, None)
-    n = sum(len(v) for v in (get("text"), get("prompt"), get("response")) if isinstance(v, str))
-    for m in get("messages") or ():
-        n += len(str(m.get("content", ""))) if isinstance(m, dict) else 0
-    return n
+def _arrival(request: Request) -> float:
+    """When the request arrived (stamped by ArrivalMiddleware): its deadline counts from here."""
+    return request.scope.get(ARRIVED_KEY) or time.monotonic()

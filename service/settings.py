@@ -111,6 +111,19 @@ class Settings(BaseSettings):
         description="Per-request deadline from arrival; past it the request gets 504 and its queued items "
         "are dropped. Below OpenRLHF's 180 s client timeout so workers get an answer, not a reset.",
     )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        description="Longest a client may take to send a request body, from arrival; past it the request "
+        "gets 408 and the connection is closed (a trickling upload cannot hold a connection forever).",
+    )
+    max_connections: int = Field(
+        default=8192,
+        ge=1,
+        description="Concurrent connections before new requests get uvicorn's plain 503 (a backstop "
+        "against idle or slow clients; the item queue is the normal overload signal). Keep the "
+        "process's open-file limit above it.",
+    )
     retry_after_s: int = Field(default=1, ge=0, description="`Retry-After` seconds sent with 503s.")
     drain_timeout_s: float = Field(
         default=30.0,
@@ -122,6 +135,13 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Server log level."
+    )
+    docs: Literal["public", "auth", "off"] | None = Field(
+        default=None,
+        description="`/docs`, `/redoc` and `/openapi.json` (they show the head indices and item limits): "
+        "`public`, `auth` (they need an API key, like the scoring routes) or `off` (404). Default: `auth` "
+        "when `HYDRA_RM_API_KEYS` is set (a server that asks for keys does not describe itself to "
+        "strangers; tools such as schemathesis can send the key), else `public`.",
     )
 
     @field_validator("api_keys", mode="before")
@@ -135,6 +155,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.model == "":
             self.model = None
+        if self.docs == "auth" and not self.api_keys:
+            raise ValueError("docs=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them")
         return self
 
     def resolved_device(self) -> str:
@@ -151,10 +173,32 @@ class Settings(BaseSettings):
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
 
-    def resolved_token_budget(self) -> int:
-        if self.token_budget is not None:
-            return self.token_budget
-        return 65536 if self.resolved_device().startswith("cuda") else 2048
+    def resolved_aggregation(self, manifest):  # noqa: ANN001, ANN201 - RewardManifest -> Aggregation
+        """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA (or the CLI options that override them) over the
+        manifest's defaults: `serve`, `score` and `demo` all resolve here."""
+        from model_store.aggregation import resolve_aggregation
+
+        try:
+            return resolve_aggregation(manifest, self.aggregation, self.uwo_lambda)
+        except ValueError as e:
+            raise ValueError(f"aggregation setting: {e}") from e
+
+    def batch_policy(self):  # noqa: ANN201 - service.batching.BatchPolicy
+        """Token budget, batch size and padding cap for this device: what the service's batcher and
+        the JSONL job both batch by (defaults in service/batching.py)."""
+        from service.batching import BatchPolicy
+
+        return BatchPolicy.resolve(
+            self.resolved_device(),
+            token_budget=self.token_budget,
+            max_batch_size=self.max_batch_size,
+            max_padding=self.max_padding,
+        )
+
+    def resolved_docs(self) -> Literal["public", "auth", "off"]:
+        if self.docs is not None:
+            return self.docs
+        return "auth" if self.api_keys else "public"
 
 
 def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.ScoringEngine
@@ -173,8 +217,7 @@ def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.S
     )
     return ScoringEngine(
         rm,
-        token_budget=settings.resolved_token_budget(),
-        max_batch_size=settings.max_batch_size,
+        policy=settings.batch_policy(),
         padding_side=settings.padding_side,
         max_length=settings.max_length,
         truncation_side=settings.truncation_side,

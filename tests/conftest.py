@@ -17,7 +17,9 @@ import torch  # noqa: E402
 
 from tests.builders import build_tiny_bert, build_tiny_llama  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the test models are tiny, and on a shared machine 2 threads are up to 20x slower
+# than 1 (docs/architecture.md: 0.64 s vs 0.03 s per forward with another process holding a core).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +44,8 @@ def tiny_engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A ScoringEngine over the tiny Llama; session-scoped because loading is the slow part."""
     from model_store import ModelStore
     from model_store.loader import load_reward_model
+    from service.batching import BatchPolicy
     from service.engine import ScoringEngine
 
     rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path_factory.mktemp("store")))
-    return ScoringEngine(rm, token_budget=2048, max_batch_size=32)
+    return ScoringEngine(rm, policy=BatchPolicy.resolve("cpu", token_budget=2048, max_batch_size=32))

@@ -29,6 +29,7 @@ _RETRY_AFTER = {
 # Documented so clients (and schemathesis) know every status a scoring call can answer.
 SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
     401: _error("Missing or wrong API key (only when HYDRA_RM_API_KEYS is set)."),
+    408: _error("The body did not arrive within body_timeout_s; the connection is closed."),
     413: _error("Body over max_body_bytes, or a request larger than the whole queue."),
     422: _error("Invalid input; `error.field` names the offending field, e.g. `items[3].text`."),
     500: _error("The engine failed on this request's items (its neighbours were unaffected)."),

@@ -35,5 +35,6 @@ async def list_models(service: ScoringService = Depends(get_service)) -> ModelLi
         device=info["device"],
         token_budget=info["token_budget"],
         max_batch_size=info["max_batch_size"],
+        disagreement=info.get("disagreement"),
     )
     return ModelList(data=[card])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from service.aggregation import aggregate
+from model_store.tokenization import Item
 from service.protocol import (
     GetRewardRequest,
     GetRewardResponse,
@@ -22,7 +22,7 @@ from service.runtime import ScoringService
 
 router = APIRouter(tags=["scoring"])
 
-_STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max")
+_STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max", "std_percentile")
 
 
 @router.post(
@@ -34,13 +34,13 @@ _STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max")
 async def score(
     body: ScoreRequest, request: Request, service: ScoringService = Depends(get_service)
 ) -> ScoreResponse:
-    aggregation = service.resolve_aggregation(body.aggregation)
-    lam = body.uwo_lambda if body.uwo_lambda is not None else service.uwo_lambda
-    scores = await service.score_items([it.to_engine() for it in body.items], "items", request)
+    agg = service.request_aggregation(body.aggregation, body.uwo_lambda)
+    scores = await service.score_items([it.to_item() for it in body.items], "items", request)
     results = [
         ScoreResult(
-            reward=aggregate(s, aggregation, lam),
+            reward=agg.apply(s),
             heads=list(s.rewards) if body.return_heads else None,
+            std_percentile=service.std_percentile(s.std),
             **s.summary(),
         )
         for s in scores
@@ -49,8 +49,8 @@ async def score(
     return ScoreResponse(
         model=rm.name,
         version=rm.version,
-        aggregation=aggregation,
-        uwo_lambda=lam if aggregation == "uwo" else None,
+        aggregation=agg.name,
+        uwo_lambda=agg.uwo_lambda if agg.kind == "uwo" else None,
         head_names=service.head_names,
         results=results,
         usage=Usage(
@@ -68,15 +68,16 @@ async def score(
     summary="OpenRLHF remote reward model: `--remote_rm_url http://host:port/get_reward`.",
     description="Request `{query: [full prompt+response text, ...], prompts?, labels?}`; response "
     "`{rewards, scores, extra_logs}` in input order, aggregated per the server setting (min by default). "
-    "`extra_logs` holds one number per query for each key, as OpenRLHF logs them per sample.",
+    "`extra_logs` holds one number per query for each key, as OpenRLHF logs them per sample; "
+    "`std_percentile` is there only for models with stored disagreement quantiles.",
 )
 async def get_reward(
     body: GetRewardRequest, request: Request, service: ScoringService = Depends(get_service)
 ) -> GetRewardResponse:
     if not body.query:  # older OpenRLHF sends an empty query to idle replicas
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
-    scores = await service.score_items([{"text": q} for q in body.query], "query", request)
-    rewards = [aggregate(s, service.aggregation, service.uwo_lambda) for s in scores]
+    scores = await service.score_items([Item(text=q) for q in body.query], "query", request)
+    rewards = [service.aggregation.apply(s) for s in scores]
     logs: dict[str, list[float]] = {
         "reward_std": [s.std for s in scores],
         "reward_min": [s.min for s in scores],
@@ -86,4 +87,8 @@ async def get_reward(
     for k, name in enumerate(service.head_names):
         key = name if name not in _STAT_KEYS else f"head_{name}"
         logs[key] = [s.rewards[k] for s in scores]
+    if service.quantiles is not None:  # OpenRLHF logs every key as a number per sample: omit, never null
+        pct = [service.std_percentile(s.std) for s in scores]
+        if all(p is not None for p in pct):
+            logs["std_percentile"] = [p for p in pct if p is not None]
     return GetRewardResponse(rewards=rewards, scores=rewards, extra_logs=logs)

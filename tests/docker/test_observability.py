@@ -54,10 +54,25 @@ def test_dashboard_is_well_formed() -> None:
 
 
 @pytest.fixture(scope="module")
-def scraped(tiny_engine, tmp_path_factory: pytest.TempPathFactory):
+def engine_with_quantiles(tiny_engine):
+    """The tiny model with disagreement quantiles fitted as training fits them (fit_quantiles over the
+    served stds of a reference set), so the drift-share panel has a p95 to count against."""
+    from dataclasses import replace
+
+    from model_store.uncertainty import fit_quantiles
+    from service.engine import Item, ScoringEngine
+
+    ref = [Item(prompt=f"question {n}", response="an answer " * (1 + n % 7)) for n in range(200)]
+    q = fit_quantiles([s.std for s in tiny_engine.score(ref)])
+    rm = replace(tiny_engine.rm, manifest=tiny_engine.manifest.model_copy(update={"disagreement": q}))
+    return ScoringEngine(rm, policy=tiny_engine.policy)
+
+
+@pytest.fixture(scope="module")
+def scraped(engine_with_quantiles, tmp_path_factory: pytest.TempPathFactory):
     """A live service under steady traffic, scraped every second by a real Prometheus."""
     tmp = tmp_path_factory.mktemp("prom")
-    with live_server(Settings(max_length=64), tiny_engine) as live:
+    with live_server(Settings(max_length=64), engine_with_quantiles) as live:
         stop = threading.Event()
 
         def traffic() -> None:
@@ -135,6 +150,16 @@ def test_disagreement_panel_sees_real_spread(scraped: str) -> None:
     assert value > 0  # the tiny model's heads disagree, so the mean std is positive
 
 
+def test_drift_panel_is_a_share_of_the_scored_items(scraped: str) -> None:
+    (expr,) = [e for t, e in _panel_queries() if "reference p95" in t]
+    result = httpx.get(f"{scraped}/api/v1/query", params={"query": expr}).json()["data"]["result"]
+    assert len(result) == 1 and 0.0 <= float(result[0]["value"][1]) <= 1.0
+    above = httpx.get(
+        f"{scraped}/api/v1/query", params={"query": "hydra_rm_items_above_reference_p95_total"}
+    ).json()["data"]["result"]
+    assert len(above) == 1  # the counter is exported (the model has quantiles) and was scraped
+
+
 def test_alert_rules_load_and_evaluate(scraped: str) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -144,7 +169,7 @@ def test_alert_rules_load_and_evaluate(scraped: str) -> None:
             break
         assert time.monotonic() < deadline, "rules were not evaluated"
         time.sleep(0.5)
-    assert len(rules) == 5
+    assert len(rules) == 6
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
     firing = {r["name"] for r in rules if r["state"] != "inactive"}
     assert "HydraRMDown" not in firing and "HydraRMNotReady" not in firing

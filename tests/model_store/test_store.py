@@ -275,3 +275,73 @@ def test_killed_publish_leaves_old_version_served(
     assert any(p.name.startswith(".tmp-") for p in (store.root / "rm").iterdir())  # the debris is hidden
     assert load_reward_model("rm", store).version == "v1"  # old version still loads and verifies
     assert store.publish(tiny_llama_dir, "rm").version == "v2"  # and publishing still works
+
+
+def test_publish_verifies_the_sources_own_checksums(
+    store: ModelStore, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    ref = ModelStore(tmp_path / "origin").publish(tiny_llama_dir, "rm")
+    src = tmp_path / "copy"
+    shutil.copytree(ref.path, src)
+    assert store.publish(src, "rm").version == "v1"  # an intact copy of a version re-publishes
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ChecksumMismatch, match="config.json: sha256 mismatch"):
+        store.publish(src, "rm")
+    assert store.versions("rm") == ["v1"]
+
+
+def test_a_failed_check_publishes_nothing(store: ModelStore, tiny_llama_dir: Path) -> None:
+    seen: list[Path] = []
+
+    def refuse(copy: Path) -> None:
+        seen.append(copy)
+        assert RewardManifest.read(copy).files  # the check sees the complete copy, checksums written
+        raise ModelStoreError("refused by the check")
+
+    with pytest.raises(ModelStoreError, match="refused by the check"):
+        store.publish(tiny_llama_dir, "rm", check=refuse)
+    assert seen and not seen[0].exists()
+    assert not (store.root / "rm").exists()  # not even an empty model directory
+    store.publish(tiny_llama_dir, "rm")
+    with pytest.raises(ModelStoreError):
+        store.publish(tiny_llama_dir, "rm", check=refuse)
+    assert [p.name for p in (store.root / "rm").iterdir()] == ["v1"]
+
+
+def test_bad_version_creates_no_directory(store: ModelStore, tiny_llama_dir: Path) -> None:
+    with pytest.raises(InvalidModelName):
+        store.publish(tiny_llama_dir, "rm", version="..")
+    assert not store.root.exists() or not any(store.root.iterdir())
+
+
+def test_weight_files_the_model_would_not_load_are_refused(
+    store: ModelStore, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "stray"
+    shutil.copytree(tiny_llama_dir, src)
+    shutil.copy(src / "model.safetensors", src / "adapter_model.safetensors")
+    with pytest.raises(ModelStoreError, match="would not load"):
+        store.publish(src, "rm")
+    assert not (store.root / "rm").exists()
+
+
+def test_sharded_checkpoints_publish_and_a_missing_shard_is_refused(
+    store: ModelStore, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    src = tmp_path / "sharded"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "model.safetensors").unlink()
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir)
+    model.save_pretrained(src, safe_serialization=True, max_shard_size="40KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (src / "model.safetensors.index.json").exists()
+    ref = store.publish(src, "rm")
+    assert load_reward_model("rm", store).model.config.num_labels == 4
+    assert {p.name for p in shards} <= set(RewardManifest.read(ref.path).files)
+    shards[0].unlink()
+    with pytest.raises(ModelStoreError, match="shards listed in model.safetensors.index.json are missing"):
+        store.publish(src, "rm")

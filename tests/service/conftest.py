@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 
 from service.app import create_app
+from service.engine import Item
 from service.server import HydraServer
 from service.settings import Settings
 
@@ -54,12 +55,19 @@ def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> 
 
 @contextmanager
 def live_server(settings: Settings | None = None, engine: Any = None) -> Iterator[Live]:
-    app = create_app(settings or Settings(), engine=engine)
+    settings = settings or Settings()
+    app = create_app(settings, engine=engine)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        limit_concurrency=settings.max_connections,  # as service.server.build_server
+    )
     server = HydraServer(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -96,7 +104,7 @@ class ControlledEngine:
         return getattr(self._inner, name)
 
     def ids(self, text: str) -> tuple[int, ...]:
-        return tuple(self._inner.encode({"text": text}).input_ids)
+        return tuple(self._inner.encode(Item(text=text)).input_ids)
 
     def poison(self, text: str) -> None:
         self.poisoned.add(self.ids(text))

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from service.engine import Item
+from service.protocol import ScoreItem
 from service.settings import Settings
 from tests.service.conftest import live_server, wait_until
 
@@ -34,7 +35,7 @@ def test_score_returns_every_head_and_the_requested_aggregation(live, tiny_engin
         {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "Lyon."}]},
         {"text": "a raw text to score"},
     ]
-    expected = tiny_engine.score([Item.from_dict(i) for i in items])
+    expected = tiny_engine.score([ScoreItem.model_validate(i).to_item() for i in items])
     with live.client() as c:
         out = {}
         for agg in ["min", "mean", "max", "uwo", "head:2"]:
@@ -105,7 +106,8 @@ BAD_SCORE_BODIES = [
     ({"items": "text"}, "items"),
     ({"items": [{}]}, "items[0]"),
     ({"items": [{"text": "a", "prompt": "b", "response": "c"}]}, "items[0]"),
-    ({"items": [{"prompt": "only a prompt"}]}, "items[0]"),
+    ({"items": [{"prompt": "only a prompt"}]}, "items[0].response"),
+    ({"items": [{"response": "only a response"}]}, "items[0].prompt"),
     ({"items": [{"text": 123}]}, "items[0].text"),
     ({"items": [{"text": "ok"}, {"text": ["not", "a", "string"]}]}, "items[1].text"),
     ({"items": [{"messages": []}]}, "items[0].messages"),
@@ -166,7 +168,9 @@ def test_malformed_and_oversized_bodies(live):
     assert too_big.status_code == 413 and too_big.json()["error"]["type"] == "payload_too_large"
     assert chunked.status_code == 413
     assert not_found.status_code == 404 and not_found.json()["error"]["type"] == "not_found"
-    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert wrong_method.status_code == 405
+    assert wrong_method.json()["error"]["type"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"
 
 
 def test_reject_truncation_policy_gives_422_naming_the_item(tiny_llama_dir, tmp_path):
@@ -222,10 +226,12 @@ def test_metrics_expose_every_series_and_disagreement_moves(live):
     for name in live.service.head_names:
         assert f'hydra_rm_head_reward_count{{head="{name}"}}' in after
     rejected = {"reason": "invalid_request"}
-    assert mv(after, "hydra_rm_rejected_requests_total", rejected) >= 1 + mv(
+    # Exactly this test's requests, whatever earlier tests left on the shared server.
+    assert mv(after, "hydra_rm_rejected_requests_total", rejected) == 1 + mv(
         before, "hydra_rm_rejected_requests_total", rejected
     )
-    assert mv(after, "hydra_rm_requests_total", {"endpoint": "/v1/score", "status": "200"}) >= 1
+    ok = {"endpoint": "/v1/score", "status": "200"}
+    assert mv(after, "hydra_rm_requests_total", ok) == 1 + mv(before, "hydra_rm_requests_total", ok)
     assert mv(after, "hydra_rm_ready") == 1
 
 

@@ -209,7 +209,7 @@ def test_tokenizer_backlog_is_bounded(tiny_engine, monkeypatch):
     big = {"query": [f"text {i}" for i in range(20)]}  # > 8 items: tokenized off the loop
     with live_server(Settings(), SlowTokenizer()) as live:
         first_thread, first = in_background(post_concurrently, live.url, [("/get_reward", big)])
-        wait_until(lambda: live.service._tokenizing == 1, what="first request in the tokenizer")
+        wait_until(lambda: live.service.tokenizer.requests == 1, what="first request in the tokenizer")
         second = live.client().post("/get_reward", json=big)
         assert second.status_code == 503 and second.headers["Retry-After"]
         release.set()

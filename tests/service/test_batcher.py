@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from service.batcher import Batcher
+from service.batching import BatchPolicy
 from service.engine import EncodedItem, ItemScore
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed
 
@@ -40,11 +41,14 @@ class FakeEngine:
 
 
 def make(engine: FakeEngine, **overrides) -> Batcher:
-    kwargs = dict(
-        token_budget=64, max_batch_size=4, max_queue_items=100, max_queue_tokens=10_000, max_wait_s=0.001
+    policy = BatchPolicy(
+        overrides.pop("token_budget", 64),
+        overrides.pop("max_batch_size", 4),
+        overrides.pop("max_padding", float("inf")),
     )
+    kwargs = dict(max_queue_items=100, max_queue_tokens=10_000, max_wait_s=0.001)
     kwargs.update(overrides)
-    b = Batcher(engine.forward, **kwargs)
+    b = Batcher(engine.forward, policy, **kwargs)
     b.start()
     return b
 
@@ -125,8 +129,7 @@ async def test_a_poison_item_fails_only_its_request_after_log_n_splits():
     failures: list[Exception] = []
     b = Batcher(
         engine.forward,
-        token_budget=1000,
-        max_batch_size=16,
+        BatchPolicy(token_budget=1000, max_batch_size=16, max_padding=float("inf")),
         max_queue_items=100,
         max_queue_tokens=10_000,
         max_wait_s=0.05,
@@ -204,16 +207,13 @@ async def test_batches_of_very_different_lengths_are_not_padded_together():
 
 
 async def test_a_bug_in_batch_planning_fails_that_window_only(monkeypatch):
-    import service.batcher as batcher_module
-
     engine = FakeEngine()
     b = make(engine)
-    real_split = batcher_module.split_by_padding
-    monkeypatch.setattr(batcher_module, "split_by_padding", lambda *a: 1 / 0)
+    monkeypatch.setattr(BatchPolicy, "plan", lambda *a: 1 / 0)
     broken = b.submit([item(4, 1)])
     with pytest.raises(ScoringFailed, match="internal error"):
         await broken.future
-    monkeypatch.setattr(batcher_module, "split_by_padding", real_split)
+    monkeypatch.undo()
     fine = b.submit([item(4, 2)])
     assert (await fine.future)[0].rewards[0] == 2.0  # the worker survived
     await b.close(1)

@@ -10,9 +10,10 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from model_store import ModelStore, ModelStoreError, RewardManifest
+from model_store.aggregation import Aggregation
 from model_store.loader import load_reward_model
 from model_store.manifest import HeadNormalization
-from service.aggregation import aggregate
+from service.batching import BatchPolicy
 from service.engine import EncodedItem, Item, ItemError, ScoringEngine
 
 WORDS = "the a reward model scores each answer with several heads and we take the minimum of them".split()
@@ -23,8 +24,9 @@ def _texts(n: int, seed: int, lo: int = 1, hi: int = 60) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) for _ in range(n)]
 
 
-def _engine(path: Path, tmp_path: Path, **kw) -> ScoringEngine:
-    return ScoringEngine(load_reward_model(str(path), ModelStore(tmp_path / "s")), **kw)
+def _engine(path: Path, tmp_path: Path, token_budget: int | None = None, **kw) -> ScoringEngine:
+    policy = BatchPolicy.resolve("cpu", token_budget=token_budget, max_batch_size=64)
+    return ScoringEngine(load_reward_model(str(path), ModelStore(tmp_path / "s")), policy=policy, **kw)
 
 
 def _hf_logits_alone(path: Path, encoded: list[EncodedItem]) -> torch.Tensor:
@@ -99,7 +101,7 @@ def test_padding_invariance_random_batches(
     fixture: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """Alone vs. in a batch with much longer and shorter neighbours, over randomly drawn batches."""
-    engine = _engine(request.getfixturevalue(fixture), tmp_path, token_budget=100_000, max_batch_size=64)
+    engine = _engine(request.getfixturevalue(fixture), tmp_path, token_budget=100_000)
     pool = _texts(40, seed=7, lo=1, hi=150)
     alone = {t: engine.forward([engine.encode(Item(text=t))])[0].rewards for t in pool}
     rng = random.Random(11)
@@ -120,17 +122,17 @@ def test_score_keeps_input_order_across_sorted_batches(tiny_engine: ScoringEngin
 def test_aggregations_equal_their_definitions(tiny_engine: ScoringEngine) -> None:
     s = tiny_engine.score([Item(prompt="hello", response="a kind and careful answer")])[0]
     r = torch.tensor(s.rewards, dtype=torch.float64)
-    assert aggregate(s, "min", 0.0) == pytest.approx(r.min().item(), abs=1e-6)
-    assert aggregate(s, "max", 0.0) == pytest.approx(r.max().item(), abs=1e-6)
-    assert aggregate(s, "mean", 0.0) == pytest.approx(r.mean().item(), abs=1e-6)
+    assert Aggregation.parse("min", 4, 0.0).apply(s) == pytest.approx(r.min().item(), abs=1e-6)
+    assert Aggregation.parse("max", 4, 0.0).apply(s) == pytest.approx(r.max().item(), abs=1e-6)
+    assert Aggregation.parse("mean", 4, 0.0).apply(s) == pytest.approx(r.mean().item(), abs=1e-6)
     var = r.var(correction=0).item()
-    assert aggregate(s, "uwo", 0.7) == pytest.approx(r.mean().item() - 0.7 * var, abs=1e-5)
+    assert Aggregation.parse("uwo", 4, 0.7).apply(s) == pytest.approx(r.mean().item() - 0.7 * var, abs=1e-5)
     for i in range(4):
-        assert aggregate(s, f"head:{i}", 0.0) == s.rewards[i]
+        assert Aggregation.parse(f"head:{i}", 4).apply(s) == s.rewards[i]
     with pytest.raises(ValueError, match="head index"):
-        aggregate(s, "head:4", 0.0)
+        Aggregation.parse("head:4", 4, 0.0).apply(s)
     with pytest.raises(ValueError, match="unknown aggregation"):
-        aggregate(s, "median", 0.0)
+        Aggregation.parse("median", 4, 0.0).apply(s)
 
 
 def test_normalisation_folding_equals_normalising_outputs(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -197,23 +199,6 @@ def test_right_truncation_and_reject(tiny_llama_dir: Path, tmp_path: Path) -> No
     assert not reject.encode(Item(text="short")).truncated
 
 
-@pytest.mark.parametrize(
-    ("item", "field"),
-    [
-        (Item(), "item"),
-        (Item(text="a", prompt="b", response="c"), "item"),
-        (Item(prompt="only a prompt"), "response"),
-        (Item(messages=[]), "messages"),
-        (Item(messages=[{"role": "user"}]), "messages"),
-        (Item(text=3), "text"),  # type: ignore[arg-type]
-    ],
-)
-def test_bad_items_name_their_field(tiny_engine: ScoringEngine, item: Item, field: str) -> None:
-    with pytest.raises(ItemError) as ei:
-        tiny_engine.encode(item)
-    assert ei.value.field == field
-
-
 def test_nan_in_encoder_output_is_not_hidden_by_min(tiny_engine: ScoringEngine, monkeypatch) -> None:
     """A broken row yields NaN everywhere (so callers can see it), never a finite min."""
     enc = [tiny_engine.encode(Item(text=t)) for t in ("good text", "another text")]
@@ -259,7 +244,7 @@ def test_precut_of_huge_strings_keeps_the_same_tokens(
     tiny_llama_dir: Path, tmp_path: Path, monkeypatch, side
 ) -> None:
     """Huge strings are cut by characters before tokenizing; the surviving tokens must not change."""
-    import service.engine as eng
+    import model_store.tokenization as eng
 
     engine = _engine(tiny_llama_dir, tmp_path, max_length=32, truncation_side=side)
     rng = random.Random(5)

@@ -127,9 +127,18 @@ def test_serve_with_no_model_serves_the_embedded_default(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert card["id"] == "hydra-default"
-    assert card["head_names"] == ["helpful", "harmless", "honest", "concise"]
+    assert card["head_names"] == [
+        "review_sentiment_1",
+        "review_sentiment_2",
+        "review_sentiment_3",
+        "review_sentiment_4",
+    ]
     assert scored.status_code == 200
-    assert url.startswith("http://127.0.0.1:")
+    body = scored.json()
+    assert body["model"] == "hydra-default" and body["head_names"] == card["head_names"]
+    result = body["results"][0]
+    assert len(result["heads"]) == 4 and result["reward"] == min(result["heads"])  # the default is min
+    assert result["tokens"] > 2 and body["usage"]["tokens"] == result["tokens"]
 
 
 def test_draining_turns_readiness_off_but_still_answers(tiny_engine):

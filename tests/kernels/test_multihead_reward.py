@@ -205,6 +205,16 @@ def test_empty_batch(impl):
     assert got.rewards.shape == (0, 3) and got.min.shape == (0,)
 
 
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_zero_length_sequences_give_nan_rows(impl):
+    """T=0: no position is valid, so every row is NaN in every output (the index rule), on both paths."""
+    hidden, weight, bias = torch.randn(3, 0, 64), torch.randn(5, 64), torch.randn(5)
+    got = _run(impl, hidden, torch.zeros(3, dtype=torch.long), weight, bias)
+    assert got.rewards.shape == (3, 5) and all(t.shape == (3,) for t in got[1:])
+    for name, t in zip(HeadOutputs._fields, got, strict=True):
+        assert torch.isnan(t).all(), name
+
+
 def _run(impl: str, hidden, index, weight, bias) -> HeadOutputs:
     if impl == "triton":
         # A finite sentinel, not NaN, so a NaN in the output was really written by the kernel.

@@ -1,8 +1,8 @@
 """Fused multi-head reward kernel vs torch eager and torch.compile, on one CUDA GPU.
 
-    python bench/kernel_bench.py            # full grid, writes bench/results/kernel-<gpu>.md
-    python bench/kernel_bench.py --quick    # the four largest shapes only, no torch.compile
-    python bench/kernel_bench.py --sweep    # also tries other block sizes on the large shapes
+    python bench/bench_multihead_reward.py            # full grid, writes bench/results/multihead_reward-<gpu>.md
+    python bench/bench_multihead_reward.py --quick    # the four largest shapes only, no torch.compile
+    python bench/bench_multihead_reward.py --sweep    # also tries other block sizes on the large shapes
 
 Needs only torch and triton. Times are GPU medians from `triton.testing.do_bench`, which flushes L2
 between repetitions, so a memory-bound kernel is measured against HBM rather than a warm cache;
@@ -46,10 +46,16 @@ def eager(hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, bias:
     return rewards, rewards.amin(1), rewards.amax(1), rewards.mean(1), rewards.std(1, correction=0)
 
 
-def median_ms(fn: Callable[[], object]) -> float:
+def quantiles_ms(fn: Callable[[], object]) -> tuple[float, float, float]:
+    """p20, p50, p80 of the per-call time (ms): the spread says whether a difference is noise."""
     import triton.testing
 
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.2, 0.5, 0.8])
+    return float(p20), float(p50), float(p80)
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    return quantiles_ms(fn)[1]
 
 
 def back_to_back_us(fn: Callable[[], object], n: int = 200) -> float:
@@ -108,24 +114,27 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--sweep", action="store_true", help="try other launch configs on the large shapes")
     ap.add_argument(
-        "--out", type=Path, default=None, help="markdown path (default bench/results/kernel-<gpu>.md)"
+        "--out",
+        type=Path,
+        default=None,
+        help="markdown path (default bench/results/multihead_reward-<gpu>.md)",
     )
     args = ap.parse_args()
 
     if not torch.cuda.is_available():
         raise SystemExit(
-            "kernel_bench needs a CUDA GPU: torch.cuda.is_available() is False on this machine, so nothing "
-            "was measured and no results file was written. Run `python bench/kernel_bench.py` on a GPU host."
+            "bench_multihead_reward needs a CUDA GPU: torch.cuda.is_available() is False on this machine, so nothing "
+            "was measured and no results file was written. Run `python bench/bench_multihead_reward.py` on a GPU host."
         )
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: the interpreter would be benchmarked instead of the kernel")
     try:
         import triton
     except ImportError:
-        raise SystemExit("kernel_bench needs triton (pip install triton)") from None
+        raise SystemExit("bench_multihead_reward needs triton (pip install triton)") from None
     gpu = torch.cuda.get_device_name()
     slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
-    out_path = args.out or REPO / "bench" / "results" / f"kernel-{slug}.md"
+    out_path = args.out or REPO / "bench" / "results" / f"multihead_reward-{slug}.md"
     torch.backends.cuda.matmul.allow_tf32 = False  # irrelevant for bf16, explicit for the record
     shapes = [(b, h, k) for b, h, k in itertools.product(BS, HS, KS) if not args.quick or b * h >= LARGE]
     if args.quick:
@@ -161,8 +170,8 @@ def bench_shape(
     def run_eager() -> object:
         return eager(hidden, index, weight, bias)
 
-    t_kernel = median_ms(run_kernel)
-    t_eager = median_ms(run_eager)
+    k20, t_kernel, k80 = quantiles_ms(run_kernel)
+    e20, t_eager, e80 = quantiles_ms(run_eager)
     t_compile = float("nan")
     if use_compile:
         torch._dynamo.reset()  # a fresh static graph per shape; no recompile-limit fallback to eager
@@ -178,7 +187,9 @@ def bench_shape(
         "K": k,
         "MB": kernel_bytes(b, h, k) / 1e6,
         "kernel_us": t_kernel * 1e3,
+        "kernel_p20_p80_us": (k20 * 1e3, k80 * 1e3),
         "eager_us": t_eager * 1e3,
+        "eager_p20_p80_us": (e20 * 1e3, e80 * 1e3),
         "compile_us": t_compile * 1e3,
         "GB/s": gbs,
         "copy%": 100 * gbs / copy_gbs,
@@ -209,6 +220,11 @@ def bench_shape(
     return row, (b, h, k, t_kernel * 1e3, best[0] * 1e3, best[1])
 
 
+def _spread(row: dict, name: str) -> str:
+    lo, hi = row[f"{name}_p20_p80_us"]
+    return f"{row[f'{name}_us']:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
 def write_report(
     path: Path,
     gpu: str,
@@ -224,9 +240,9 @@ def write_report(
     lines = [
         f"# Fused multi-head reward kernel on {gpu}",
         "",
-        f"Generated by `python bench/kernel_bench.py` on {dt.date.today().isoformat()}; torch {torch.__version__}, "
+        f"Generated by `python bench/bench_multihead_reward.py` on {dt.date.today().isoformat()}; torch {torch.__version__}, "
         f"triton {triton_version}, CUDA {torch.version.cuda}. Inputs bf16, hidden `[B, {T}, H]` gathered at a "
-        "random position per row. Times are `triton.testing.do_bench` medians with L2 flushed between runs; "
+        "random position per row. Times are `triton.testing.do_bench` p50 [p20, p80] with L2 flushed between runs; "
         "back-to-back (b2b) is 200 consecutive calls, host overhead included.",
         "",
         f"Device-to-device copy bandwidth (measured): **{copy_gbs:.0f} GB/s**.",
@@ -235,7 +251,7 @@ def write_report(
         f"- ≥ {GOAL_SPEEDUP:.0f}× torch eager: {len(speed_ok)}/{len(large)} shapes",
         f"- ≥ {100 * GOAL_BW:.0f}% of copy bandwidth: {len(bw_ok)}/{len(large)} shapes",
         "",
-        "| B | H | K | MB moved | kernel µs | eager µs | compile µs | GB/s | % copy | × eager | × compile "
+        "| B | H | K | MB moved | kernel µs p50 [p20, p80] | eager µs p50 [p20, p80] | compile µs | GB/s | % copy | × eager | × compile "
         "| b2b kernel µs | b2b eager µs | max err | BLOCK_B/H/K warps stages |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -243,7 +259,7 @@ def write_report(
         comp = f"{r['compile_us']:.1f}" if use_compile else "—"
         xcomp = f"{r['x_compile']:.2f}" if use_compile else "—"
         lines.append(
-            f"| {r['B']} | {r['H']} | {r['K']} | {r['MB']:.2f} | {r['kernel_us']:.1f} | {r['eager_us']:.1f} "
+            f"| {r['B']} | {r['H']} | {r['K']} | {r['MB']:.2f} | {_spread(r, 'kernel')} | {_spread(r, 'eager')} "
             f"| {comp} | {r['GB/s']:.0f} | {r['copy%']:.1f} | {r['x_eager']:.2f} | {xcomp} "
             f"| {r['b2b_kernel_us']:.1f} | {r['b2b_eager_us']:.1f} | {r['err']:.1e} | {r['cfg']} |"
         )

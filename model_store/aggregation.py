@@ -1,0 +1,74 @@
+"""How one reward is picked from K heads (Coste et al. 2023, arXiv 2310.02743): parsed once, applied.
+
+`min` is worst-case optimisation (WCO), the pessimistic default that resists reward hacking;
+`uwo` is uncertainty-weighted optimisation: mean - lambda * variance across heads; `head:<i>` is one
+head. The text form (`min`, `head:2`, ...) is parsed here and only here: by the manifest, the
+settings, the CLI and each request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from model_store.manifest import RewardManifest
+
+Kind = Literal["min", "mean", "max", "uwo", "head"]
+KINDS: tuple[Kind, ...] = ("min", "mean", "max", "uwo")
+
+
+class HeadStats(Protocol):
+    rewards: Sequence[float]
+    min: float
+    max: float
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """A parsed aggregation: `kind`, the head index for `head`, and lambda (used by `uwo` only)."""
+
+    kind: Kind
+    head: int | None = None
+    uwo_lambda: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str, num_heads: int, uwo_lambda: float = 1.0) -> Aggregation:
+        """`min|mean|max|uwo|head:<i>` for a model of `num_heads` heads; ValueError names what is wrong."""
+        if text in KINDS:
+            return cls(text, None, uwo_lambda)  # type: ignore[arg-type]
+        if text.startswith("head:"):
+            idx = text[5:]
+            if idx.isascii() and idx.isdigit() and len(idx) <= 6 and int(idx) < num_heads:
+                return cls("head", int(idx), uwo_lambda)
+            raise ValueError(f"head index in {text[:32]!r} must be an integer in [0, {num_heads - 1}]")
+        raise ValueError(f"unknown aggregation {text[:32]!r}; expected one of min, mean, max, uwo, head:<i>")
+
+    @property
+    def name(self) -> str:
+        return f"head:{self.head}" if self.kind == "head" else self.kind
+
+    def apply(self, stats: HeadStats) -> float:
+        """Reduce one item's heads; the reductions come from the kernel (NaN-propagating), not recomputed."""
+        if self.kind == "min":
+            return stats.min
+        if self.kind == "max":
+            return stats.max
+        if self.kind == "mean":
+            return stats.mean
+        if self.kind == "uwo":
+            return stats.mean - self.uwo_lambda * stats.std * stats.std
+        assert self.head is not None
+        return stats.rewards[self.head]
+
+
+def resolve_aggregation(
+    manifest: RewardManifest, aggregation: str | None = None, uwo_lambda: float | None = None
+) -> Aggregation:
+    """The default aggregation of a served or scored model: what the operator set (a HYDRA_RM_* setting
+    or a CLI option), else the manifest's. `serve`, `score` and `demo` all resolve through here."""
+    lam = manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
+    return Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam)

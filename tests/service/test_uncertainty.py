@@ -1,0 +1,154 @@
+"""`std_percentile`: head disagreement against the quantiles training stored, in every output.
+
+The trained model below is a real `hydra-rm train` run (tiny, from scratch): its quantiles were fitted
+by the trainer on the reference split, so the engine's std must be on the same basis (normalised
+heads, correction 0) for an item at the stored p95 to come out at 95.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from model_store import ModelStore
+from model_store.loader import load_reward_model
+from model_store.uncertainty import fit_quantiles, std_percentile
+from service.batching import BatchPolicy
+from service.engine import Item, ScoringEngine
+from service.jobs import ScoreJob
+from service.metrics import Metrics
+from tests.service.conftest import live_server, metric_value
+from training.data import parse_pair
+from training.overopt import proxy_base, proxy_tokenizer
+from training.toydata import preference_rows
+from training.trainer import TrainConfig, Trainer, publish
+
+ABOVE = "hydra_rm_items_above_reference_p95_total"
+SCORED = "hydra_rm_items_scored_total"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScoringEngine, list[dict[str, Any]]]:
+    """A 3-head model trained and published by the trainer, and its reference items (80)."""
+    tmp = tmp_path_factory.mktemp("uncert")
+    pairs = [parse_pair(r, f"row{i}") for i, r in enumerate(preference_rows(200, seed=7))]
+    base = proxy_base(tmp / "base", proxy_tokenizer(), hidden=32, seed=1)
+    store = ModelStore(tmp / "store")
+    cfg = TrainConfig(heads=3, epochs=1, seed=0, lr_encoder=3e-3, lr_heads=3e-3, batch_size=32, progress=False, cpu=True)  # fmt: skip
+    tr = Trainer(cfg, pairs[:160], str(base), store, reference=pairs[160:])
+    publish(tr.run(), store, "toy", "v1")
+    rm = load_reward_model("toy:v1", store)
+    engine = ScoringEngine(rm, policy=BatchPolicy.resolve("cpu", token_budget=4096, max_batch_size=64))
+    ref = [p.chosen for p in tr.ref_pairs] + [p.rejected for p in tr.ref_pairs]
+    return engine, ref
+
+
+def test_engine_std_is_on_the_basis_the_quantiles_were_fitted_on(trained) -> None:
+    engine, ref = trained
+    q = engine.manifest.disagreement
+    assert q is not None and q.n == len(ref) == 80 and q.p95 is not None
+    stds = [s.std for s in engine.score([Item(**it) for it in ref])]
+    # Served (normalisation folded into the heads, population std) vs. what the trainer stored.
+    refit = fit_quantiles(stds, q.probs)
+    torch.testing.assert_close(torch.tensor(refit.values), torch.tensor(q.values), atol=1e-4, rtol=1e-4)
+    # A sample std (correction 1) is sqrt(3/2) = 1.22x larger: this check tells the two apart.
+    sample = fit_quantiles([s * 1.5**0.5 for s in stds], q.probs)
+    assert not torch.allclose(torch.tensor(sample.values), torch.tensor(q.values), atol=1e-4, rtol=1e-4)
+    assert std_percentile(q.p95, q) == pytest.approx(95.0)
+    nearest = min(stds, key=lambda s: abs(s - q.p95))  # the reference item closest to the stored p95
+    assert std_percentile(nearest, q) == pytest.approx(95.0, abs=100 / 79)  # one rank of 80 items
+    above = sum(s > q.p95 for s in stds)
+    assert 3 <= above <= 5  # ~5% of the reference (4 of 80 exactly, give or take float rounding)
+
+
+def test_score_get_reward_models_and_metrics_with_quantiles(trained) -> None:
+    engine, ref = trained
+    q = engine.manifest.disagreement
+    with live_server(engine=engine) as live, live.client() as c:
+        m0 = httpx.get(f"{live.url}/metrics").text
+        res = c.post("/v1/score", json={"items": ref}).json()["results"]
+        for r in res:
+            assert r["std_percentile"] == pytest.approx(std_percentile(r["std"], q), abs=1e-9)
+        assert all(0.0 <= r["std_percentile"] <= 100.0 for r in res)
+        assert max(r["std_percentile"] for r in res) == pytest.approx(100.0, abs=2.0)
+        m1 = httpx.get(f"{live.url}/metrics").text
+        above = sum(r["std"] > q.p95 for r in res)
+        assert above > 0
+        assert metric_value(m1, SCORED) - metric_value(m0, SCORED) == len(ref)
+        assert metric_value(m1, ABOVE) - metric_value(m0, ABOVE) == above  # exactly, item by item
+
+        texts = ["a short response", "The soup was wonderful and lovely.", "word " * 30]
+        got = c.post("/get_reward", json={"query": texts}).json()
+        logs = got["extra_logs"]
+        assert len(logs["std_percentile"]) == 3
+        for p, s in zip(logs["std_percentile"], logs["reward_std"], strict=True):
+            assert p == pytest.approx(std_percentile(s, q), abs=1e-9)
+        assert metric_value(httpx.get(f"{live.url}/metrics").text, SCORED) - metric_value(m1, SCORED) == 3
+
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["disagreement"] == q.model_dump()
+
+
+def test_without_quantiles_percentile_is_null_and_the_drift_series_absent(tiny_engine) -> None:
+    assert tiny_engine.manifest.disagreement is None
+    with live_server(engine=tiny_engine) as live, live.client() as c:
+        res = c.post(
+            "/v1/score", json={"items": [{"text": "hello"}, {"prompt": "p", "response": "r"}]}
+        ).json()
+        assert [r["std_percentile"] for r in res["results"]] == [None, None]
+        assert all(r["std"] > 0 for r in res["results"])  # a std to place, but nothing to place it on
+        logs = c.post("/get_reward", json={"query": ["hello"]}).json()["extra_logs"]
+        assert "std_percentile" not in logs and "reward_std" in logs  # omitted, never null
+        assert c.get("/v1/models").json()["data"][0]["disagreement"] is None
+        text = httpx.get(f"{live.url}/metrics").text
+        assert "hydra_rm_items_above_reference_p95" not in text  # no made-up 0% drift
+
+
+def test_a_head_named_std_percentile_does_not_clobber_the_key(trained) -> None:
+    engine, _ = trained
+    names = ["std_percentile", "b", "c"]
+    rm = replace(engine.rm, manifest=engine.manifest.model_copy(update={"head_names": names}))
+    renamed = ScoringEngine(rm, policy=engine.policy)
+    with live_server(engine=renamed) as live, live.client() as c:
+        logs = c.post("/get_reward", json={"query": ["hello", "there"]}).json()["extra_logs"]
+    assert len(logs["head_std_percentile"]) == 2 and all(0 <= p <= 100 for p in logs["std_percentile"])
+
+
+def test_metric_counts_strictly_above_p95() -> None:
+    from service.engine import ItemScore
+
+    m = Metrics(["a", "b"])
+    m.set_reference_p95(0.5)
+
+    def s(std: float) -> Any:
+        return ItemScore([0.0, 0.0], 0.0, 0.0, 0.0, std, 3, False)
+
+    enc = [type("E", (), {"n_tokens": 3})()] * 4
+    m.observe_batch(enc, [s(0.1), s(0.5), s(0.51), s(2.0)], 0.01)
+    text = m.render().decode()
+    assert metric_value(text, ABOVE) == 2 and metric_value(text, SCORED) == 4
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_job_rows_carry_std_percentile(trained, tiny_engine, tmp_path: Path) -> None:
+    engine, ref = trained
+    q = engine.manifest.disagreement
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(it) + "\n" for it in ref[:20]))
+    ScoreJob(engine, src, tmp_path / "out.jsonl").run(progress_bar=False)
+    rows = _rows(tmp_path / "out.jsonl")
+    assert len(rows) == 20
+    for r in rows:
+        assert r["std_percentile"] == pytest.approx(std_percentile(r["std"], q), abs=1e-9)
+    ScoreJob(tiny_engine, src, tmp_path / "plain.jsonl").run(progress_bar=False)
+    plain = _rows(tmp_path / "plain.jsonl")
+    assert len(plain) == 20 and all("std_percentile" in r and r["std_percentile"] is None for r in plain)

@@ -1,0 +1,209 @@
+"""`hydra-rm train | eval | experiment`: the command functions (registered lazily by service.cli)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.diversity import DIVERSITY
+
+
+def _store(store: Path | None):  # noqa: ANN202 - model_store.ModelStore
+    import os
+
+    from model_store import ModelStore
+
+    root = store or Path(
+        os.environ.get("HYDRA_RM_STORE_ROOT", Path.home() / ".cache" / "hydra-rm" / "models")
+    )
+    return ModelStore(root)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+def train(
+    data: Annotated[Path, typer.Option(help="JSONL of {prompt, chosen, rejected} (strings or chat lists).")],
+    base: Annotated[str, typer.Option(help="Base encoder/decoder: store name, local directory or hub id.")],
+    name: Annotated[str | None, typer.Option(help="Publish to the store under this name.")] = None,
+    heads: Annotated[int, typer.Option(min=1, help="K, the number of reward heads.")] = 3,
+    head_names: Annotated[
+        str | None, typer.Option(help="Comma-separated head names (default head_i).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    seed: Annotated[int, typer.Option()] = 0,
+    lr: Annotated[float, typer.Option(help="Encoder learning rate (AdamW).")] = 2e-5,
+    head_lr: Annotated[float, typer.Option(help="Head learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option()] = 0.0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Pairs per micro-batch.")] = 16,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per optimizer step.")] = 1,
+    max_length: Annotated[int | None, typer.Option(help="Token limit (default: the base's).")] = None,
+    mixed_precision: Annotated[str, typer.Option(help="no, bf16 or fp16 (accelerate).")] = "no",
+    mode: Annotated[str, typer.Option(help="finetune, frozen (heads only) or lora (peft).")] = "finetune",
+    lora_r: Annotated[int, typer.Option(min=1)] = 8,
+    diversity: Annotated[str, typer.Option(help=f"How heads differ: {', '.join(DIVERSITY)}.")] = "shard",
+    ensemble: Annotated[
+        str, typer.Option(help="none, or full: K independent single-head models (seeds seed..seed+K-1).")
+    ] = "none",
+    reference_fraction: Annotated[
+        float, typer.Option(help="Held-out share for normalisation, quantiles and metrics.")
+    ] = 0.1,
+    reference_data: Annotated[
+        Path | None, typer.Option(help="A separate reference JSONL (then all of --data trains).")
+    ] = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the checkpoint directory here.")] = None,
+    version: Annotated[str | None, typer.Option(help="Store version (default: next vN).")] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Where checkpoints go (enables resume).")
+    ] = None,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N optimizer steps (and each epoch).")] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest checkpoint in --checkpoint-dir.")
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after N optimizer steps (with a checkpoint).")
+    ] = None,
+    cpu: Annotated[bool, typer.Option(help="Train on CPU even where a GPU is visible.")] = False,
+    store: Annotated[Path | None, typer.Option(help="Model store root.")] = None,
+) -> None:
+    """Train K Bradley-Terry reward heads on a shared encoder; publish a model the service serves as is."""
+    from model_store.errors import ModelStoreError
+    from training.data import DataError, load_pairs, sha256_path
+    from training.trainer import TrainConfig, Trainer, publish, save_model
+
+    if name is None and output is None:
+        raise _fail("give --name (publish to the store) and/or --output (a directory)")
+    if diversity not in DIVERSITY:
+        raise _fail(f"--diversity must be one of {', '.join(DIVERSITY)}")
+    if mode not in ("finetune", "frozen", "lora"):
+        raise _fail("--mode must be finetune, frozen or lora")
+    if ensemble not in ("none", "full"):
+        raise _fail("--ensemble must be none or full")
+    try:
+        pairs = load_pairs(data)
+        reference = load_pairs(reference_data) if reference_data else None
+    except (DataError, OSError) as e:
+        raise _fail(str(e)) from e
+    names = [s.strip() for s in head_names.split(",")] if head_names else None
+    cfg = TrainConfig(
+        heads=heads, head_names=names, epochs=epochs, seed=seed, lr_encoder=lr, lr_heads=head_lr,
+        weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+        mixed_precision=mixed_precision, mode=mode, lora_r=lora_r, lora_alpha=2 * lora_r,
+        diversity=diversity, reference_fraction=reference_fraction, save_steps=save_steps,
+        max_steps=max_steps, cpu=cpu,
+    )  # fmt: skip
+    runs = [("", cfg)]
+    if ensemble == "full":  # the paper's baseline: K separately trained single-head models
+        runs = [(f"-m{i}", replace(cfg, heads=1, head_names=None, seed=seed + i)) for i in range(heads)]
+    model_store = _store(store)
+    sha = sha256_path(data)
+    for suffix, run_cfg in runs:
+        ck = checkpoint_dir / (suffix.lstrip("-") or "model") if checkpoint_dir else None
+        try:
+            trainer = Trainer(
+                run_cfg, pairs, base, model_store, reference=reference, checkpoint_dir=ck, data_sha256=sha
+            )
+            result = trainer.run(resume=resume)
+        except (ModelStoreError, ValueError) as e:
+            raise _fail(str(e)) from e
+        if not result.is_main_process:
+            continue
+        if not result.finished:
+            typer.echo(f"stopped at step {len(result.history)} (--max-steps); resume with --resume")
+            return
+        typer.echo(json.dumps({"model": (name or "") + suffix, **result.metrics}, indent=2))
+        if output is not None:
+            save_model(result, output / suffix.lstrip("-") if suffix else output)
+        if name is not None:
+            ref = publish(result, model_store, name + suffix, version)
+            typer.echo(f"published {ref} at {ref.path}")
+
+
+def eval_(
+    model: Annotated[str, typer.Option(help="Store name, directory or hub id; comma-separated = ensemble.")],
+    data: Annotated[Path, typer.Option(help="JSONL of {prompt, chosen, rejected}.")],
+    output: Annotated[Path, typer.Option(help="report.json (the reliability PNG goes beside it).")],
+    uwo_lambda: Annotated[float | None, typer.Option(help="UWO lambda (default: the model's).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Model store root.")] = None,
+) -> None:
+    """Accuracy per head and aggregation, ECE + reliability diagram, head correlation, disagreement AUROC."""
+    from model_store.errors import ModelStoreError
+    from training.data import DataError, load_pairs
+    from training.evaluate import evaluate_model, format_table, write_report
+
+    try:
+        pairs = load_pairs(data)
+        report = evaluate_model([s.strip() for s in model.split(",")], pairs, _store(store), uwo_lambda)
+    except (DataError, OSError, ModelStoreError) as e:
+        raise _fail(str(e)) from e
+    report["data"] = str(data)
+    out, png = write_report(report, output)
+    typer.echo(format_table(report))
+    typer.echo(f"wrote {out} and {png}")
+
+
+experiment_app = typer.Typer(no_args_is_help=True, help="Offline experiments.")
+
+
+@experiment_app.command("overopt")
+def overopt(
+    out: Annotated[Path, typer.Option(help="Directory for the table, PNG and raw JSON.")] = Path(
+        "docs/experiments"
+    ),
+    quick: Annotated[bool, typer.Option(help="CI smoke test: 2 seeds, small pools (<= 3 min).")] = False,
+    seeds: Annotated[int, typer.Option(min=2, help="Seeds (full run).")] = 10,
+    pool_size: Annotated[int, typer.Option(help="Candidates per prompt (power of 2).")] = 4096,
+    prompts: Annotated[int, typer.Option(min=1, max=64, help="Prompts with a candidate pool.")] = 16,
+) -> None:
+    """Best-of-n over-optimisation: single vs K-head (each diversity recipe) vs full ensemble, gold = VADER."""
+    from training.overopt import Setup, run_experiment
+    from training.overopt_report import write_results
+
+    setup = Setup(
+        seeds=list(range(2 if quick else seeds)), pool_size=256 if quick else pool_size, n_prompts=prompts
+    )
+    if quick:
+        setup.n_pairs, setup.epochs = 1000, 2
+    results = run_experiment(setup, out, log=typer.echo)
+    flags = "--quick " if quick else f"--seeds {seeds} --pool-size {pool_size} --prompts {prompts} "
+    results["command"] = f"hydra-rm experiment overopt {flags}--out {out}"
+    paths = write_results(results, out, prefix="overopt-quick" if quick else "overopt")
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+@experiment_app.command("toydata")
+def toydata(
+    out: Annotated[Path, typer.Option(help="JSONL of {prompt, chosen, rejected} to write.")],
+    pairs: Annotated[int, typer.Option(min=1)] = 1000,
+    seed: Annotated[int, typer.Option()] = 0,
+    noise: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of labels flipped.")] = 0.25,
+) -> None:
+    """The experiment's offline review preference pairs (gold = VADER), for training or eval."""
+    from training.data import write_pairs
+    from training.toydata import preference_rows
+
+    write_pairs(out, preference_rows(pairs, seed, noise=noise))
+    typer.echo(f"wrote {pairs} pairs to {out}")
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="hydra-rm training commands.")
+app.command("train")(train)
+app.command("eval")(eval_)
+app.add_typer(experiment_app, name="experiment")
+
+
+def run(args: list[str]) -> None:
+    """Entry point for service.cli's lazy wrappers: `run(["train", "--data", ...])`."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load report for the new head
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app(args=args, prog_name="hydra-rm", standalone_mode=True)
