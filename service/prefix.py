@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +27,8 @@ from kernels import multihead_reward
 from service.batching import plan_batches, split_by_padding
 
 if TYPE_CHECKING:
-    from service.engine import EncodedItem, ItemScore, ScoringEngine
+    from model_store.tokenization import EncodedItem
+    from service.engine import ItemScore, ScoringEngine
 
 log = logging.getLogger("hydra_rm.prefix")
 
@@ -146,12 +147,14 @@ def plan_shared_batches(
     max_batch_size: int,
     max_padding: float = math.inf,
     min_shared: int | None = DEFAULT_MIN_SHARED,
+    plan_singles: Callable[[Sequence[int]], list[list[int]]] | None = None,
 ) -> list[list[int]]:
     """Cut a window into encoder batches that keep each prefix group together where the budget allows.
 
     A group costs its prefix once plus its suffixes (what the encoder computes); one over the budget
     or `max_batch_size` is cut into chunks of similar suffix length, each sharing the prefix again.
-    Items in no group are planned as without sharing (length-sorted under the budget, padding cap).
+    Items in no group are planned as without sharing (`plan_singles` on their lengths; default:
+    length-sorted under the budget, cut at the padding cap).
     Exact duplicates ride in their original's batch for free. Batches come out in arrival order of
     their first item, so a window stays first-come first-served.
     """
@@ -174,11 +177,39 @@ def plan_shared_batches(
             cost += suffix
         batches.append(chunk)
     singles = plan.singles
-    for planned in plan_batches([lengths[i] for i in singles], token_budget, max_batch_size):
-        batches += split_by_padding([singles[k] for k in planned], lengths, max_padding)
+    single_lengths = [lengths[i] for i in singles]
+    if plan_singles is not None:
+        batches += [[singles[k] for k in b] for b in plan_singles(single_lengths)]
+    else:
+        for planned in plan_batches(single_lengths, token_budget, max_batch_size):
+            batches += [
+                [singles[k] for k in b] for b in split_by_padding(planned, single_lengths, max_padding)
+            ]
     out = [sorted(b + [c for i in b for c in copies.get(i, ())]) for b in batches]
     out.sort(key=lambda b: b[0])
     return out
+
+
+class WindowCost:
+    """Tokens a window will compute as items join it, so a window (and its budget) holds whole groups.
+
+    An item whose first `min_shared` tokens match an earlier item's costs only what follows their
+    common run (the planner may find a better grouping; this is the batcher's cheap running estimate).
+    """
+
+    def __init__(self, min_shared: int = DEFAULT_MIN_SHARED) -> None:
+        self.min_shared = max(1, min_shared)
+        self._first: dict[tuple[int, ...], Sequence[int]] = {}
+
+    def add(self, ids: Sequence[int]) -> int:
+        if len(ids) <= self.min_shared:
+            return len(ids)
+        key = tuple(ids[: self.min_shared])
+        first = self._first.get(key)
+        if first is None:
+            self._first[key] = ids
+            return len(ids)
+        return len(ids) - min(_common_prefix(first, ids), len(ids) - 1)
 
 
 def is_causal_decoder(model: nn.Module) -> bool:
@@ -209,7 +240,9 @@ class PrefixStats:
 
 
 class PrefixScorer:
-    """A drop-in for `ScoringEngine.forward` that shares prefixes and collapses duplicates."""
+    """What `ScoringEngine.forward` runs unless sharing is off: duplicates collapsed for every model,
+    prefixes shared for causal decoders that pass the self-check; `engine.forward_padded` does the
+    plain padded passes."""
 
     def __init__(
         self,
@@ -217,15 +250,17 @@ class PrefixScorer:
         *,
         enabled: bool = True,
         min_shared: int = DEFAULT_MIN_SHARED,
-        max_padding: float = 0.1,
+        max_padding: float | None = None,
         suffix_batching: SuffixBatching = "group_sorted",
         check: bool = True,
     ) -> None:
         self.engine = engine
+        self.enabled = enabled
         self.min_shared = min_shared
-        self.max_padding = max_padding
+        self.max_padding = engine.policy.max_padding if max_padding is None else max_padding
         self.suffix_batching: SuffixBatching = suffix_batching
         self.stats = PrefixStats()
+        self.on_plan: Callable[[PrefixPlan], None] | None = None  # metrics hook, after each success
         self.sharing = enabled and is_causal_decoder(engine.model) and self._windows_cover(engine)
         if self.sharing and check:
             self.sharing = self._self_check()
@@ -245,7 +280,7 @@ class PrefixScorer:
         scored: dict[int, ItemScore] = {}
         lengths = [e.n_tokens for e in batch]
         for idxs in split_by_padding(plan.singles, lengths, self.max_padding):
-            scored.update(zip(idxs, self.engine.forward([batch[i] for i in idxs]), strict=True))
+            scored.update(zip(idxs, self.engine.forward_padded([batch[i] for i in idxs]), strict=True))
         if plan.groups:
             scored.update(self._score_groups(batch, plan.groups))
         st = self.stats
@@ -255,6 +290,8 @@ class PrefixScorer:
         st.tokens_saved += plan.tokens_saved
         st.groups += len(plan.groups)
         st.last = plan
+        if self.on_plan is not None:
+            self.on_plan(plan)
         out = []
         for i, src in enumerate(plan.source):
             s = scored[src]
@@ -286,7 +323,7 @@ class PrefixScorer:
         else:  # cross_sorted: suffixes of different groups share a batch, prefixes padded in the cache
             cost = [suffix_len[i] for _, i in rows]
             plan = split_by_padding(list(range(len(rows))), cost, self.max_padding)
-        cap = max(1, self.engine.max_batch_size)
+        cap = max(1, self.engine.policy.max_batch_size)
         out: dict[int, ItemScore] = {}
         for sub in plan:
             for k in range(0, len(sub), cap):
@@ -377,7 +414,7 @@ class PrefixScorer:
 
     def _self_check(self) -> bool:
         """Refuse sharing where it would change rewards: one probe group, sharing on vs off."""
-        from service.engine import EncodedItem
+        from model_store.tokenization import EncodedItem
 
         e = self.engine
         vocab = int(getattr(e.model.config, "vocab_size", 0) or 0)
@@ -391,7 +428,7 @@ class PrefixScorer:
         for p in probe:
             p.original_tokens = p.n_tokens
         try:
-            want = torch.tensor([s.rewards for s in e.forward(probe)])
+            want = torch.tensor([s.rewards for s in e.forward_padded(probe)])
             plan = [PrefixGroup(len(base), (0, 1, 2))]
             got_map = self._score_groups(probe, plan)
             got = torch.tensor([got_map[i].rewards for i in range(3)])

@@ -14,7 +14,8 @@ from model_store import ModelStore
 from model_store.default_model import corpus_path, train_tokenizer
 from model_store.loader import load_reward_model
 from model_store.manifest import RewardManifest
-from service.engine import EncodedItem, Item, ScoringEngine
+from model_store.tokenization import EncodedItem, Item
+from service.engine import ScoringEngine
 from service.prefix import (
     PrefixGroup,
     PrefixScorer,
@@ -224,7 +225,7 @@ def test_sharing_on_equals_off_equals_hf(
     got_on = on.forward(items)
     plan = on.stats.last
     assert plan is not None and len(plan.groups) == 3 and plan.singles and plan.tokens_saved > 100
-    got_off = PrefixScorer(engine, enabled=False).forward(items)
+    got_off = engine.forward_padded(items)
     ref = _hf_alone(model_dirs[arch], items)
     torch.testing.assert_close(_rewards(got_on), ref, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(_rewards(got_off), ref, atol=ATOL, rtol=ATOL)
@@ -297,7 +298,7 @@ def test_encoders_never_share(tiny_bert_dir: Path, tmp_path: Path) -> None:
     got = scorer.forward(items)
     assert scorer.stats.last is not None and not scorer.stats.last.groups
     assert scorer.stats.last.source == [0, 1, 0]  # an exact duplicate is still scored once
-    want = engine.forward(items)
+    want = engine.forward_padded(items)
     torch.testing.assert_close(_rewards(got), _rewards(want), atol=ATOL, rtol=ATOL)
 
 
@@ -318,6 +319,7 @@ async def test_poison_item_inside_a_shared_group_fails_alone(
 ) -> None:
     """One request per response, as OpenRLHF sends them; one suffix breaks the embedding lookup."""
     from service.batcher import Batcher
+    from service.batching import BatchPolicy
     from service.errors import ScoringFailed
 
     rng = random.Random(11)
@@ -327,8 +329,7 @@ async def test_poison_item_inside_a_shared_group_fails_alone(
     scorer = PrefixScorer(tiny_engine, max_padding=10.0)
     b = Batcher(
         scorer.forward,
-        token_budget=100_000,
-        max_batch_size=64,
+        BatchPolicy(100_000, 64, 10.0),
         max_queue_items=100,
         max_queue_tokens=100_000,
         max_wait_s=0.05,
@@ -362,6 +363,7 @@ def test_group_straddling_two_batches_scores_the_same(
 
 async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engine: ScoringEngine) -> None:
     from service.batcher import Batcher
+    from service.batching import BatchPolicy
 
     rng = random.Random(12)
     answers = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 9, 40)]
@@ -369,8 +371,7 @@ async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engin
     scorer = PrefixScorer(tiny_engine)
     b = Batcher(
         scorer.forward,
-        token_budget=100_000,
-        max_batch_size=64,
+        BatchPolicy(100_000, 64, 10.0),
         max_queue_items=100,
         max_queue_tokens=100_000,
         max_wait_s=0.05,
@@ -389,3 +390,110 @@ async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engin
             _rewards(res), torch.tensor([want[tuple(e.input_ids)] for e in req]), atol=ATOL, rtol=ATOL
         )
     assert scorer.stats.tokens_saved >= 15 * 5  # 18 items, 3 distinct: most were never computed
+
+
+# -- wiring: setting, engine, batcher window, batch job, metrics -----------------------------------
+
+
+def test_setting_turns_sharing_off_and_encoders_plan_without_it(
+    tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from service.settings import Settings
+
+    assert Settings().prefix_sharing == "auto" and Settings().batch_policy().prefix_sharing
+    off_policy = Settings(prefix_sharing="off").batch_policy()
+    assert not off_policy.prefix_sharing
+    store = ModelStore(tmp_path / "s")
+    off = ScoringEngine(load_reward_model(str(tiny_llama_dir), store), policy=off_policy)
+    assert not off.prefix.enabled and not off.policy.prefix_sharing
+    on = ScoringEngine(load_reward_model(str(tiny_llama_dir), store))
+    assert on.prefix.sharing and on.policy.prefix_sharing
+    bert = ScoringEngine(load_reward_model(str(tiny_bert_dir), store))
+    assert bert.prefix.enabled and not bert.prefix.sharing and not bert.policy.prefix_sharing
+    items = _workload(on.model.config.vocab_size, seed=21)
+    torch.testing.assert_close(
+        _rewards(on.score_encoded(items)), _rewards(off.score_encoded(items)), atol=ATOL, rtol=ATOL
+    )
+    assert on.prefix.stats.tokens_saved > 100 and off.prefix.stats.items == 0
+
+
+async def test_a_group_arriving_as_separate_requests_lands_in_one_batch() -> None:
+    """16 requests sharing a 1,000-token prompt: 16k raw tokens overflow a window of 8 x 1,100, but
+    the prompt counted once (1,080) fits one batch; the window must not cut the group in two."""
+    from service.batcher import Batcher
+    from service.batching import BatchPolicy
+    from service.engine import ItemScore
+
+    batches: list[int] = []
+
+    def forward(batch: list[EncodedItem]) -> list[ItemScore]:
+        batches.append(len(batch))
+        return [ItemScore([0.0], 0.0, 0.0, 0.0, 0.0, e.n_tokens, False) for e in batch]
+
+    prompt = list(range(1000))
+    b = Batcher(
+        forward, BatchPolicy(1100, 64, 0.1), max_queue_items=100, max_queue_tokens=10**6, max_wait_s=0.05
+    )
+    b.start()
+    jobs = [b.submit([_enc(prompt + [k] * 5)]) for k in range(16)]
+    await asyncio.gather(*(j.future for j in jobs))
+    await b.close(1)
+    assert batches == [16]
+
+
+def test_batch_job_shares_and_writes_the_same_rewards(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    from service.jobs import ScoreJob
+    from service.settings import Settings
+
+    rng = random.Random(8)
+    words = "the reward model scores each answer with several heads and we take the minimum".split()
+    lines = []
+    for g in range(4):
+        prompt = f"Question {g}: " + " ".join(rng.choice(words) for _ in range(40))
+        for k in range(6):
+            lines.append(
+                {"id": f"{g}-{k}", "text": prompt + "\n" + " ".join(rng.choice(words) for _ in range(k + 2))}
+            )
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    store = ModelStore(tmp_path / "s")
+    outs = {}
+    for mode in ("auto", "off"):
+        engine = ScoringEngine(
+            load_reward_model(str(tiny_llama_dir), store), policy=Settings(prefix_sharing=mode).batch_policy()
+        )
+        res = ScoreJob(engine, src, tmp_path / f"{mode}.jsonl", chunk_size=10).run(progress_bar=False)
+        assert res.scored == len(lines) and res.errors == 0
+        outs[mode] = [json.loads(x) for x in (tmp_path / f"{mode}.jsonl").read_text().splitlines()]
+        if mode == "auto":
+            assert engine.prefix.stats.groups >= 4  # chunks of 10 cut groups: each part still shares
+    assert [r["id"] for r in outs["auto"]] == [x["id"] for x in lines]
+    on = torch.tensor([list(r["heads"].values()) for r in outs["auto"]])
+    off = torch.tensor([list(r["heads"].values()) for r in outs["off"]])
+    torch.testing.assert_close(on, off, atol=ATOL, rtol=ATOL)
+
+
+def test_service_counts_tokens_saved_and_shared_items(tiny_engine: ScoringEngine) -> None:
+    from service.settings import Settings
+    from tests.service.conftest import live_server
+
+    prompt = "Tell me about reward models. " * 12
+    items = [{"prompt": prompt, "response": f"answer number {k} " * (k + 1)} for k in range(6)]
+    items.append(dict(items[0]))  # a duplicate
+    with live_server(Settings(), tiny_engine) as live, live.client() as c:
+        before = (
+            live.metric("hydra_rm_prefix_tokens_saved_total"),
+            live.metric("hydra_rm_prefix_shared_items_total"),
+        )
+        r = c.post("/v1/score", json={"items": items})
+        assert r.status_code == 200, r.text
+        saved = live.metric("hydra_rm_prefix_tokens_saved_total") - before[0]
+        shared = live.metric("hydra_rm_prefix_shared_items_total") - before[1]
+    encoded = [tiny_engine.encode(Item(prompt=it["prompt"], response=it["response"])) for it in items]
+    plan = plan_prefix_groups([e.input_ids for e in encoded])
+    assert plan.groups and saved == plan.tokens_saved and shared == plan.shared_items == 7
+    want = tiny_engine.forward_padded(encoded)
+    got = torch.tensor([x["heads"] for x in r.json()["results"]])
+    torch.testing.assert_close(got, _rewards(want), atol=ATOL, rtol=ATOL)
