@@ -3,7 +3,7 @@
 Workload (issue 12): 48 prompts x G=8 responses, prompts 300-800 tokens, responses 20-300 tokens,
 sent as full texts (what OpenRLHF's `/get_reward` carries), scored by a Llama-style model of
 hidden 256 and 4 layers (the embedded default's recipe, max_length raised to 2,048). A second
-workload has no shared prompts at all (384 distinct prompts), where sharing must cost nothing.
+workload has no shared prompts at all (192 distinct prompts), where sharing must cost nothing.
 
 Sections (all alternate on/off within each round, so drift on the shared machine hits both alike;
 medians of the rounds and the ratio of medians are reported):
@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 PROMPTS, GROUP = 48, 8
+DISTINCT = 192  # items of the no-shared-prompt workload (half the GRPO count: the machine is shared)
 MODES = ("off", "one", "group_padded", "group_sorted", "cross_sorted")
 
 
@@ -74,9 +75,9 @@ def grpo_texts(tok: Any, seed: int, prompts: int, group: int, shared: bool = Tru
     return texts  # in the order a GRPO trainer sends them: each prompt's G responses together
 
 
-def timed(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+def timed(fns: dict[str, Callable[[], Any]], rounds: int, warm: bool = True) -> dict[str, list[float]]:
     """Seconds per call, the callables alternating within each round (one warm-up call each first)."""
-    for f in fns.values():
+    for f in fns.values() if warm else ():
         f()
     out: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
@@ -163,6 +164,7 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 def section_job(model_dir: Path, tmp: Path, tok: Any, rounds: int) -> dict[str, Any]:
     """The JSONL batch job end to end (parse, tokenize, plan, score, write), sharing on vs off."""
+    from service.engine import Item
     from service.jobs import ScoreJob
     from service.settings import Settings, build_engine
 
@@ -171,11 +173,11 @@ def section_job(model_dir: Path, tmp: Path, tok: Any, rounds: int) -> dict[str, 
         for mode in ("off", "auto")
     }
     out: dict[str, Any] = {"lines": []}
-    for name, shared in (("GRPO (48 prompts x 8)", True), ("no shared prompts (384 prompts)", False)):
+    for name, shared in (("GRPO (48 prompts x 8)", True), (f"no shared prompts ({DISTINCT} prompts)", False)):
         texts = (
             grpo_texts(tok, seed=3, prompts=PROMPTS, group=GROUP)
             if shared
-            else grpo_texts(tok, seed=4, prompts=PROMPTS * GROUP, group=1, shared=False)
+            else grpo_texts(tok, seed=4, prompts=DISTINCT, group=1, shared=False)
         )
         src = write_jsonl(tmp / f"in-{shared}.jsonl", texts)
 
@@ -185,7 +187,7 @@ def section_job(model_dir: Path, tmp: Path, tok: Any, rounds: int) -> dict[str, 
             return dst
 
         print(f"job: {name}", flush=True)
-        times = timed({"off": lambda: run("off"), "on": lambda: run("auto")}, rounds)
+        times = timed({"off": lambda: run("off"), "on": lambda: run("auto")}, rounds, warm=False)
         rewards = {}
         for mode in ("off", "auto"):
             with open(tmp / f"out-{shared}-{mode}.jsonl") as f:
@@ -196,7 +198,7 @@ def section_job(model_dir: Path, tmp: Path, tok: Any, rounds: int) -> dict[str, 
             for a, b in zip(x.values(), y.values(), strict=True)
         )
         n = len(texts)
-        ids = [engines["off"].encode({"text": t}).input_ids for t in texts]
+        ids = [engines["off"].encode(Item(text=t)).input_ids for t in texts]
         from service.prefix import plan_prefix_groups
 
         saved = plan_prefix_groups(ids).tokens_saved / sum(map(len, ids))
@@ -229,7 +231,7 @@ def section_http(model_dir: Path, tmp: Path, tok: Any, rounds: int, threads: int
 
     workloads = {
         "grpo": grpo_texts(tok, seed=3, prompts=PROMPTS, group=GROUP),
-        "distinct": grpo_texts(tok, seed=4, prompts=PROMPTS * GROUP, group=1, shared=False),
+        "distinct": grpo_texts(tok, seed=4, prompts=DISTINCT, group=1, shared=False),
     }
     bodies_of = {
         k: [{"query": [t], "prompts": [""], "labels": [None]} for t in v] for k, v in workloads.items()
@@ -273,13 +275,13 @@ def section_http(model_dir: Path, tmp: Path, tok: Any, rounds: int, threads: int
         for proc in procs:
             stop(proc)
     out["lines"] += [
-        f"## HTTP: `/get_reward`, one sample per request, {len(bodies)} requests",
+        "## HTTP: `/get_reward`, one sample per request",
         "",
         "Two servers (`python -m service serve`, HYDRA_RM_PREFIX_SHARING=off / auto), closed-loop clients "
         "(bench/service_bench.py's asyncio client, in this process, on the same machine); items/s over the "
         "whole run, median of the rounds, runs alternating between the servers. `grpo`: 48 prompts x 8 "
         "responses, each prompt's responses sent one after another (as a trainer sends a group); "
-        "`distinct`: 384 items with prompts of their own (nothing to share).",
+        f"`distinct`: {DISTINCT} items with prompts of their own (nothing to share).",
         "",
         "| clients | workload | off items/s | on items/s | on / off | off p50 ms | on p50 ms | rounds off / on "
         "| errors |",
