@@ -103,7 +103,6 @@ def build_model(tmp: Path, hidden: int, layers: int) -> Path:
 
 # -- sections ---------------------------------------------------------------------------------------
 def section_batching(engine: Any, tok: Any, rounds: int) -> dict[str, Any]:
-    from service.batching import plan_batches, split_by_padding
     from service.engine import Item
     from service.prefix import PrefixScorer
 
@@ -113,10 +112,9 @@ def section_batching(engine: Any, tok: Any, rounds: int) -> dict[str, Any]:
 
     def off() -> list[Any]:
         out: list[Any] = [None] * len(items)
-        for planned in plan_batches(lengths, engine.token_budget, engine.max_batch_size):
-            for idxs in split_by_padding(planned, lengths, 0.1):
-                for i, s in zip(idxs, engine.forward([items[i] for i in idxs]), strict=True):
-                    out[i] = s
+        for idxs in engine.policy.plan(lengths):  # 2,048-token budget, 10% padding cap on CPU
+            for i, s in zip(idxs, engine.forward_padded([items[i] for i in idxs]), strict=True):
+                out[i] = s
         return out
 
     scorers = {m: PrefixScorer(engine, suffix_batching=m, max_padding=0.1) for m in MODES[1:]}
