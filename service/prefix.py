@@ -9,8 +9,8 @@ share it; identical sequences are scored once and fanned out.
 How suffixes are batched decides the gain. On CPU compute is linear in padded tokens, so suffixes
 run in length-sorted sub-batches under the padding cap, each against its group's cached keys/values
 expanded to the sub-batch (`group_sorted`). Measured on 12 prompts x 8 (bench/results/prefix-cpu.md,
-shared machine): group_sorted 2.87x over no sharing, one suffix per forward 2.81x, suffixes of
-several groups batched with padded prefixes 2.37x, all G suffixes padded together 1.98x. On GPU the
+shared machine): group_sorted 3.05x over no sharing, one suffix per forward 3.04x, suffixes of
+several groups batched with padded prefixes 2.49x, all G suffixes padded together 1.96x. On GPU the
 same sub-batches grow with the padding cap.
 """
 
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydra_rm.prefix")
 
-# Shorter shared runs are not worth an extra forward call (see bench/results/prefix-cpu.md).
+# Shorter shared runs are not worth an extra forward call: 8 G=8 groups with responses of 20-60
+# tokens ran 0.86x at 8 shared tokens, 0.99x at 16, 1.14x at 32, 1.90x at 64 (bench/results/prefix-cpu.md).
 DEFAULT_MIN_SHARED = 32
 
 SuffixBatching = Literal["one", "group_padded", "group_sorted", "cross_sorted"]
