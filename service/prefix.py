@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hydra_rm.prefix")
 
-# Shorter shared runs are not worth an extra forward call: 8 G=8 groups with responses of 20-60
+# Shorter shared runs are not worth an extra forward call: 16 groups of 8 with responses of 20-60
 # tokens ran 0.86x at 8 shared tokens, 0.99x at 16, 1.14x at 32, 1.90x at 64 (bench/results/prefix-cpu.md).
 DEFAULT_MIN_SHARED = 32
 
