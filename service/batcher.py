@@ -26,6 +26,7 @@ from service.batching import BatchObserver, BatchPolicy, ForwardFn, forward_isol
 from service.drain import ShuttingDown
 from service.engine import EncodedItem, ItemScore
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed, ServiceError
+from service.prefix import WindowCost
 
 log = logging.getLogger("hydra_rm.batcher")
 
@@ -220,7 +221,7 @@ class Batcher:
                 self._wake.set()
 
     async def _run_window(self, window: list[_Slot]) -> None:
-        for idxs in self.policy.plan([s.item.n_tokens for s in window]):
+        for idxs in self.policy.plan_items([s.item for s in window]):
             batch = [window[i] for i in idxs if not window[i].job.done]  # skip dropped requests
             if batch:
                 await self._run_batch(batch)
@@ -253,13 +254,16 @@ class Batcher:
     def _take_window(self) -> list[_Slot]:
         window: list[_Slot] = []
         tokens, limit = 0, self.token_budget * WINDOW_BATCHES
+        # With prefix sharing the limit counts what the encoder will compute (a group's prompt once),
+        # so a GRPO group arriving as G requests lands in one window instead of being cut in two.
+        cost = WindowCost() if self.policy.prefix_sharing else None
         while self._pending and tokens < limit:
             slot = self._pending.popleft()
             if slot.job.done:
                 continue
             n = slot.item.n_tokens
             window.append(slot)
-            tokens += n
+            tokens += cost.add(slot.item.input_ids) if cost is not None else n
             slot.job.pending_tokens -= n
             self._pending_tokens -= n
         return window

@@ -52,6 +52,8 @@ class BatchPolicy:
     token_budget: int = CPU_TOKEN_BUDGET
     max_batch_size: int = 64
     max_padding: float = CPU_MAX_PADDING
+    prefix_sharing: bool = True  # keep prefix groups in one batch (service/prefix.py); the engine
+    # turns it off for models that cannot share
 
     @classmethod
     def resolve(
@@ -61,6 +63,7 @@ class BatchPolicy:
         token_budget: int | None = None,
         max_batch_size: int = 64,
         max_padding: float | None = None,
+        prefix_sharing: bool = True,
     ) -> BatchPolicy:
         """The one place the device defaults are decided; explicit values (settings) win."""
         on_gpu = str(device).startswith("cuda")
@@ -70,7 +73,7 @@ class BatchPolicy:
             max_padding = GPU_MAX_PADDING if on_gpu else CPU_MAX_PADDING
         if token_budget < 1 or max_batch_size < 1 or max_padding < 0:
             raise ValueError("token_budget and max_batch_size must be >= 1 and max_padding >= 0")
-        return cls(token_budget, max_batch_size, max_padding)
+        return cls(token_budget, max_batch_size, max_padding, prefix_sharing)
 
     def plan(self, lengths: Sequence[int]) -> list[list[int]]:
         """Length-sorted batches under the token budget, each cut where padding would pass the cap."""
@@ -78,6 +81,21 @@ class BatchPolicy:
         for planned in plan_batches(lengths, self.token_budget, self.max_batch_size):
             out.extend(split_by_padding(planned, lengths, self.max_padding))
         return out
+
+    def plan_items(self, items: Sequence[EncodedItem]) -> list[list[int]]:
+        """`plan` on the items' lengths; with prefix sharing, each group of items sharing a prompt stays
+        in one batch where the budget (prefix counted once) allows, duplicates with their original."""
+        if not self.prefix_sharing:
+            return self.plan([e.n_tokens for e in items])
+        from service.prefix import plan_shared_batches
+
+        return plan_shared_batches(
+            [e.input_ids for e in items],
+            token_budget=self.token_budget,
+            max_batch_size=self.max_batch_size,
+            max_padding=self.max_padding,
+            plan_singles=self.plan,
+        )
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:

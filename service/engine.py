@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -22,6 +22,7 @@ from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
 from service.batching import BatchPolicy
+from service.prefix import PrefixScorer
 
 log = logging.getLogger("hydra_rm.engine")
 
@@ -101,6 +102,15 @@ def _to_host(res: Any) -> list[list[float]]:
     return packed.cpu().tolist()
 
 
+def item_scores(res: Any, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+    """One ItemScore per row of a kernel result (plain and shared-prefix forwards alike)."""
+    k = res.rewards.shape[1]
+    return [
+        ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated)
+        for r, e in zip(_to_host(res), batch, strict=True)
+    ]
+
+
 class ScoringEngine:
     """Scores items with one shared encoder and K heads; thread-compatible (one forward at a time)."""
 
@@ -141,6 +151,11 @@ class ScoringEngine:
         self.weight, self.bias = self._fold_heads()
         if self.head.kind == _resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
             self._self_check()
+        # Shared prompts encoded once, duplicates scored once (service/prefix.py); the batch plan only
+        # keeps prefix groups together where this model can really share.
+        self.prefix = PrefixScorer(self, enabled=self.policy.prefix_sharing)
+        if self.policy.prefix_sharing and not self.prefix.sharing:
+            self.policy = replace(self.policy, prefix_sharing=False)
 
     # -- model facts -----------------------------------------------------------------------------
     @property
@@ -175,7 +190,7 @@ class ScoringEngine:
         ids, types = self.items.tokenize(Item(text="hydra-rm self-check: is this reward the model's own?"))
         cut = slice(0, min(len(ids), self.max_length))  # whatever the truncation policy, probe in range
         probe = EncodedItem(ids[cut], types[cut] if types is not None else None, False, len(ids))
-        ours = torch.tensor(self.forward([probe])[0].rewards)
+        ours = torch.tensor(self.forward_padded([probe])[0].rewards)
         kw: dict[str, Any] = {"input_ids": torch.tensor([probe.input_ids], device=self.device)}
         if probe.token_type_ids is not None:
             kw["token_type_ids"] = torch.tensor([probe.token_type_ids], device=self.device)
@@ -198,6 +213,13 @@ class ScoringEngine:
 
     # -- scoring ---------------------------------------------------------------------------------
     def forward(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+        """Score one planned batch, results in batch order: shared prefixes and duplicates computed
+        once (service/prefix.py) unless HYDRA_RM_PREFIX_SHARING=off; equal to `forward_padded`."""
+        if self.prefix.enabled:
+            return self.prefix.forward(batch)
+        return self.forward_padded(batch)
+
+    def forward_padded(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
         """One encoder pass over `batch` (padded to its longest row); results in batch order."""
         if not batch:
             return []
@@ -222,12 +244,7 @@ class ScoringEngine:
             out = self.model.base_model(**kwargs)
             hidden, index = self._pool(out, mask)
             res = multihead_reward(hidden, index, self.weight, self.bias)
-        rows = _to_host(res)
-        k = self.weight.shape[0]
-        return [
-            ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated)
-            for r, e in zip(rows, batch, strict=True)
-        ]
+        return item_scores(res, batch)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host-to-device from pinned memory, asynchronous on CUDA; pinning is skipped on CPU (where
@@ -257,7 +274,7 @@ class ScoringEngine:
     def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
         """Batches planned by `self.policy`; results in input order."""
         results: list[ItemScore | None] = [None] * len(encoded)
-        for idxs in self.policy.plan([e.n_tokens for e in encoded]):
+        for idxs in self.policy.plan_items(encoded):
             for i, s in zip(idxs, self.forward([encoded[i] for i in idxs]), strict=True):
                 results[i] = s
         return results  # type: ignore[return-value]

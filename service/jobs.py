@@ -278,7 +278,7 @@ class ScoreJob:
         down to the culprit, which is recorded, never dropped."""
         results: list[ItemScore | None] = [None] * len(encoded)
         lost = 0
-        for idxs in self.engine.policy.plan([e.n_tokens for e in encoded]):
+        for idxs in self.engine.policy.plan_items(encoded):
             scored = forward_isolating(self.engine.forward, [encoded[i] for i in idxs])
             for i, r in zip(idxs, scored, strict=True):
                 if isinstance(r, Exception):

@@ -18,6 +18,7 @@ from service.middleware import SCORING_PATHS
 
 if TYPE_CHECKING:
     from service.engine import EncodedItem, ItemScore
+    from service.prefix import PrefixPlan
 
 # Rewards of normalised heads live around [-3, 3]; untrained heads can stray further.
 _REWARD_BUCKETS = (
@@ -107,6 +108,18 @@ class Metrics:
         self.above_reference_p95: Counter | None = None
         self._reference_p95: float | None = None
         self.truncated = Counter("hydra_rm_truncated_items", "Items cut to max_length.", registry=r)
+        self.prefix_tokens_saved = Counter(
+            "hydra_rm_prefix_tokens_saved",
+            "Tokens the encoder did not compute: a prompt shared within a batch encoded once, or an item "
+            "that duplicated another (HYDRA_RM_PREFIX_SHARING).",
+            registry=r,
+        )
+        self.prefix_shared_items = Counter(
+            "hydra_rm_prefix_shared_items",
+            "Items scored against a shared prompt's cached keys/values or as a duplicate; over "
+            "hydra_rm_items_scored_total this is the shared-prefix hit rate.",
+            registry=r,
+        )
         self.batch_failures = Counter(
             "hydra_rm_batch_failures", "Encoder batches that raised (then split to isolate).", registry=r
         )
@@ -168,6 +181,11 @@ class Metrics:
         """Queue depth is read at scrape time, so it is never stale."""
         self.queue_items.set_function(items)
         self.queue_tokens.set_function(tokens)
+
+    def observe_prefix(self, plan: PrefixPlan) -> None:
+        """Called by the engine after each batch it scored with sharing (its forward thread)."""
+        self.prefix_tokens_saved.inc(plan.tokens_saved)
+        self.prefix_shared_items.inc(plan.shared_items)
 
     def observe_batch(
         self, batch: Sequence[EncodedItem], scores: Sequence[ItemScore], seconds: float

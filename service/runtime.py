@@ -75,6 +75,9 @@ class ScoringService:
         """Warm up (first forward pays for lazy init), then start batching; only then ready."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.engine.warmup)
+        prefix = getattr(self.engine, "prefix", None)
+        if prefix is not None:  # after warm-up, so the counters see traffic only
+            prefix.on_plan = self.metrics.observe_prefix
         self.tokenizer = TokenizerLane(
             lambda item: self.engine.encode(item),  # looked up per call, as the inline path does
             max_requests=TOKENIZER_BACKLOG,

@@ -14,7 +14,9 @@ from service.engine import Item
 
 def test_one_device_to_host_transfer_per_batch(tiny_engine, monkeypatch):
     batch = [tiny_engine.encode(Item(text=t)) for t in ["short", "a somewhat longer text to pad", "mid one"]]
-    expected = tiny_engine.forward(batch)
+    # forward_padded is one encoder pass; forward (prefix sharing on) may split a window into several
+    # passes (padding cap, shared groups), each with its own single transfer through the same helper.
+    expected = tiny_engine.forward_padded(batch)
     calls = {"cpu": 0, "tolist": 0}
     real_cpu, real_tolist = torch.Tensor.cpu, torch.Tensor.tolist
 
@@ -28,7 +30,7 @@ def test_one_device_to_host_transfer_per_batch(tiny_engine, monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "cpu", cpu)
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
-    got = tiny_engine.forward(batch)
+    got = tiny_engine.forward_padded(batch)
     monkeypatch.undo()
     assert calls == {"cpu": 1, "tolist": 1}
     assert [s.rewards for s in got] == [s.rewards for s in expected]
