@@ -26,8 +26,6 @@ import inspect
 import os
 import platform
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.service_bench import drive  # noqa: E402
+from bench.service_bench import drive, free_port, start, stop  # noqa: E402
 from model_store.default_model import corpus_path, train_tokenizer  # noqa: E402
 from model_store.loader import RewardModel  # noqa: E402
 from model_store.manifest import RewardManifest  # noqa: E402
@@ -240,39 +238,6 @@ def prefix_sharing(rm: RewardModel, policy: BatchPolicy, texts: list[str], repea
 
 
 # -- service end to end -----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(model_dir: Path, env: dict[str, str], port: int, timeout_s: float) -> subprocess.Popen:
-    import httpx
-
-    cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout_s  # an 8B checkpoint takes a while to read and move
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def service_e2e(
     model_dir: Path, texts: list[str], tokens: int, clients: int, device: str, dtype: str, sharing: bool
 ) -> list[Row]:
@@ -289,14 +254,15 @@ def service_e2e(
         )
         if mode is not None:
             env["HYDRA_RM_PREFIX_SHARING"] = mode
-        port = _free_port()
-        proc = _start(model_dir, env, port, timeout_s=900)
+        port = free_port()
+        cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)]
+        proc = start(cmd, env, port, timeout_s=900)  # an 8B checkpoint takes a while to read and move
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(drive(url, "/get_reward", bodies[: min(len(bodies), clients)], 1, clients))  # warm-up
             res = asyncio.run(drive(url, "/get_reward", bodies, len(bodies), clients))
         finally:
-            _stop(proc)
+            stop(proc, wait_s=60)
         if res.errors:
             raise RuntimeError(f"{res.errors} requests failed in the service run")
         name = f"{clients} clients, /get_reward x1" + (f", sharing {mode}" if mode else "")

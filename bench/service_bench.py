@@ -183,11 +183,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str], port: int, timeout_s: float = 180) -> subprocess.Popen:
     import httpx
 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
@@ -201,10 +201,10 @@ def start(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
     raise RuntimeError("server did not become ready")
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, wait_s: float = 30) -> None:
     proc.terminate()
     try:
-        proc.wait(30)
+        proc.wait(wait_s)
     except subprocess.TimeoutExpired:
         proc.kill()
 
