@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -72,6 +73,10 @@ class Settings(BaseSettings):
         "keys/values, on causal decoders that pass a self-check (never encoders); exact duplicates are "
         "scored once for every model. Rewards do not change (tested to 1e-5 in fp32). Measured 2.5-3x "
         "on a GRPO-shaped workload (bench/results/prefix-cpu.md). `off`: every item encoded in full.",
+    )
+    torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="Torch intra-op threads (placeholder)",
     )
     max_wait_ms: float = Field(
         default=2.0,
@@ -182,6 +187,13 @@ class Settings(BaseSettings):
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
 
+    def resolved_torch_threads(self) -> int:
+        """`auto`: the cores this process may run on (os.sched_getaffinity: a container's or taskset's
+        CPU set, not the host's)."""
+        if self.torch_threads == "auto":
+            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.torch_threads
+
     def resolved_aggregation(self, manifest):  # noqa: ANN001, ANN201 - RewardManifest -> Aggregation
         """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA (or the CLI options that override them) over the
         manifest's defaults: `serve`, `score` and `demo` all resolve here."""
@@ -211,12 +223,28 @@ class Settings(BaseSettings):
         return "auth" if self.api_keys else "public"
 
 
+def apply_torch_threads(settings: Settings) -> int:
+    """Set torch's intra-op threads once per process, before the first forward.
+
+    Done here (not per request) because torch keeps one process-wide value that each thread reads
+    on its first parallel op: the batcher's forward thread starts after the engine is built, so it
+    picks this value up (tests/service/test_threads.py checks it inside that thread).
+    """
+    import torch
+
+    n = settings.resolved_torch_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.ScoringEngine
     """Load the configured model into an engine (shared by `serve` and `score`)."""
     from model_store import ModelStore
     from model_store.loader import load_reward_model
     from service.engine import ScoringEngine
 
+    apply_torch_threads(settings)
     rm = load_reward_model(
         settings.model,
         ModelStore(settings.store_root),
