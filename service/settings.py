@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -187,13 +186,6 @@ class Settings(BaseSettings):
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
 
-    def resolved_torch_threads(self) -> int:
-        """`auto`: the cores this process may run on (os.sched_getaffinity: a container's or taskset's
-        CPU set, not the host's)."""
-        if self.torch_threads == "auto":
-            return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return self.torch_threads
-
     def resolved_aggregation(self, manifest):  # noqa: ANN001, ANN201 - RewardManifest -> Aggregation
         """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA (or the CLI options that override them) over the
         manifest's defaults: `serve`, `score` and `demo` all resolve here."""
@@ -224,18 +216,20 @@ class Settings(BaseSettings):
 
 
 def apply_torch_threads(settings: Settings) -> int:
-    """Set torch's intra-op threads once per process, before the first forward.
+    """Set torch's intra-op threads once per process, before the first forward; returns the count.
 
-    Done here (not per request) because torch keeps one process-wide value that each thread reads
-    on its first parallel op: the batcher's forward thread starts after the engine is built, so it
-    picks this value up (tests/service/test_threads.py checks it inside that thread).
+    `auto` leaves torch's own choice alone: OMP_NUM_THREADS when set (Ray sets it per actor, and
+    service/ray_jobs.py sets the actor's count before building its engine), else the cores this
+    process may run on (torch honours taskset/affinity: `taskset -c 0` gives 1 here). Applied where
+    the engine is built, not per request: torch keeps one process-wide value that each thread reads
+    on its first parallel op, and the batcher's forward thread starts after the engine is built
+    (tests/service/test_threads.py checks it inside that thread).
     """
     import torch
 
-    n = settings.resolved_torch_threads()
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-    return n
+    if settings.torch_threads != "auto" and torch.get_num_threads() != settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    return torch.get_num_threads()
 
 
 def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.ScoringEngine

@@ -70,14 +70,17 @@ def test_serve_forward_thread_uses_the_setting(tiny_llama_dir: Path, tmp_path: P
         torch.set_num_threads(original)
 
 
-def test_auto_and_explicit_values(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explicit_values_and_auto_leaves_torch_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` must not undo a count chosen before the engine is built (a Ray actor's CPUs)."""
     original = torch.get_num_threads()
     try:
         monkeypatch.setenv("HYDRA_RM_TORCH_THREADS", "3")
         assert Settings().torch_threads == 3
         assert apply_torch_threads(Settings()) == 3 == torch.get_num_threads()
         monkeypatch.setenv("HYDRA_RM_TORCH_THREADS", "auto")
-        assert apply_torch_threads(Settings()) == Settings().resolved_torch_threads() == torch.get_num_threads()
+        assert apply_torch_threads(Settings()) == 3 == torch.get_num_threads()
+        monkeypatch.delenv("HYDRA_RM_TORCH_THREADS")
+        assert Settings().torch_threads == "auto"
     finally:
         torch.set_num_threads(original)
 
