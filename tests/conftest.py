@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 from tests.builders import build_tiny_bert, build_tiny_llama  # noqa: E402
 
-# One intra-op thread: the test models are tiny, and on a shared machine 2 threads are up to 20x slower
-# than 1 (docs/architecture.md: 0.64 s vs 0.03 s per forward with another process holding a core).
+# One intra-op thread: the test models are tiny, and beside a busy core 2 threads lose to 1 (the batch
+# job 1.76x slower, bench/results/threads-cpu.md; one small forward 0.64 s vs 0.03 s, measured earlier).
 torch.set_num_threads(1)
 
 
