@@ -55,32 +55,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def spawn_server(model_dir: Any, store: Any, port: int, **env_vars: str) -> Any:
-    """`hydra-rm serve` as a real process (so it can be SIGKILLed), ready when /readyz says so."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import httpx
-
-    from tests.service.conftest import wait_until
-
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=str(root), HYDRA_RM_STORE_ROOT=str(store), HYDRA_RM_LOG_LEVEL="warning")
-    env.update(env_vars)
-    cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), "--model", str(model_dir)]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, timeout=90, what="the server to be ready")
-    return proc

@@ -10,8 +10,9 @@ import httpx
 
 from client import AsyncHydraClient, HydraClient
 from service.settings import Settings
-from tests.client.conftest import assert_matches, free_port, live_on_port, reference, spawn_server, texts
+from tests.client.conftest import assert_matches, free_port, live_on_port, reference, texts
 from tests.service.conftest import live_server, metric_value, wait_until
+from tests.service.test_server import start_server
 
 
 def test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
@@ -27,7 +28,7 @@ def test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
         "HYDRA_RM_MAX_BATCH_SIZE": "1",
         "HYDRA_RM_TOKEN_BUDGET": "64",
     }
-    proc = spawn_server(tiny_llama_dir, tmp_path / "store", port, **env)
+    proc, _ = start_server(tmp_path, "--model", str(tiny_llama_dir), port=port, **env)
     items = texts(400, "kill")
     events: dict[str, float] = {}
     stop = threading.Event()

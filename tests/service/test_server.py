@@ -25,8 +25,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp_path: Path, *args: str, **env_vars: str):
-    port = _free_port()
+def start_server(tmp_path: Path, *args: str, port: int | None = None, **env_vars: str):
+    """`hydra-rm serve` as a real process (store under tmp_path), ready when /readyz says so; a given
+    `port` lets a test bring a killed replica back where it was."""
+    port = port or _free_port()
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT),
