@@ -33,13 +33,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.service_bench import WORDS  # noqa: E402  (the service bench's vocabulary)
 from model_store.default_model import build_default_model  # noqa: E402
-
-WORDS = (
-    "the reward model scores each response to a prompt and several linear heads share one encoder so the "
-    "policy receives the minimum which resists over optimisation of a flawed proxy while disagreement "
-    "between heads measures uncertainty about quality helpfulness and harm"
-).split()
 
 
 def write_input(path: Path, n: int, seed: int = 0) -> None:
