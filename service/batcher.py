@@ -1,11 +1,12 @@
 """Cross-request dynamic batching: items from every concurrent request share encoder batches.
 
 OpenRLHF sends one sample per HTTP request, thousands at once, so batching inside a request buys
-nothing; batching across requests is where throughput comes from. The worker takes the oldest
-queued items (a window of a few batches, FIFO between windows so long items cannot starve), plans
-length-sorted batches with the engine's `BatchPolicy` (token budget + padding cap: padding is the
-enemy on CPU, see docs/architecture.md), and runs each batch on one thread: concurrent forwards on
-2 cores only fight over them.
+nothing; batching across requests is where throughput comes from. Before each batch the worker
+plans the head of the queue (a window of many batches' worth) into length-sorted batches with the
+engine's `BatchPolicy` (token budget + padding cap: padding is the enemy on CPU, see
+docs/architecture.md) and runs the one holding the oldest item, so items are served in arrival order
+(long items cannot starve) while each batch is cut from everything waiting. Batches run on one
+thread: concurrent forwards on 2 cores only fight over them.
 
 Failure isolation is `batching.forward_isolating` (shared with the JSONL job): a batch that raises
 is bisected down to the culprit, so one poison item fails only its own request.
@@ -31,9 +32,14 @@ from service.prefix import WindowCost
 log = logging.getLogger("hydra_rm.batcher")
 
 
-# How many batches' worth of tokens one planning window takes from the queue. Bigger windows sort
-# better but make newcomers wait a whole window; 8 keeps the sort nearly as good as sorting all.
-WINDOW_BATCHES = 8
+# How much of the queue's head the planner sorts before choosing each batch: up to this many batches'
+# worth of tokens, and at most WINDOW_ITEMS items (planning costs ~5 us an item on the event loop).
+# Only the batch holding the oldest item runs; the rest go back to the queue's head and are planned
+# again with what arrived meanwhile. So a bigger window sorts better without making newcomers wait
+# (at 32 OpenRLHF clients, 32 batches' worth = everything queued: +3% items/s over 8,
+# bench/results/ceiling-cpu.md).
+WINDOW_BATCHES = 32
+WINDOW_ITEMS = 1024
 
 
 @dataclass(eq=False)
@@ -106,7 +112,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._flush_now = False
-        self._window: list[_Slot] = []  # taken from the queue, not yet all scored
+        self._running: list[_Slot] = []  # the batch taken from the queue, not yet scored
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -138,10 +144,10 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for slot in [*self._window, *self._pending]:  # only left if the drain timed out
+        for slot in [*self._running, *self._pending]:  # only left if the drain timed out
             self._fail(slot.job, ShuttingDown("server shut down before scoring; retry", self.retry_after_s))
         self._pending.clear()
-        self._window = []
+        self._running = []
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -207,24 +213,19 @@ class Batcher:
             if not self._pending:
                 continue
             await self._gather()
-            window = self._window = self._take_window()
+            batch = self._running = self._take_window()  # until the plan picks, the whole window
             try:
-                await self._run_window(window)
-            except Exception:  # a bug here must cost one window's requests, not the whole server
-                log.exception("batch worker failed on a window of %d items", len(window))
-                for slot in window:
+                batch = self._running = self._choose_batch(batch)
+                await self._run_batch(batch)
+            except Exception:  # a planning bug costs this window's requests, not the whole server
+                log.exception("batch worker failed on a batch of %d items", len(batch))
+                for slot in batch:
                     self._fail(
                         slot.job, ScoringFailed("internal error while batching (logged on the server)")
                     )
-            self._window = []
+            self._running = []
             if self._pending:
                 self._wake.set()
-
-    async def _run_window(self, window: list[_Slot]) -> None:
-        for idxs in self.policy.plan_items([s.item for s in window]):
-            batch = [window[i] for i in idxs if not window[i].job.done]  # skip dropped requests
-            if batch:
-                await self._run_batch(batch)
 
     def _drop_dead_head(self) -> None:
         while self._pending and self._pending[0].job.done:
@@ -257,7 +258,7 @@ class Batcher:
         # With prefix sharing the limit counts what the encoder will compute (a group's prompt once),
         # so a GRPO group arriving as G requests lands in one window instead of being cut in two.
         cost = WindowCost() if self.policy.prefix_sharing else None
-        while self._pending and tokens < limit:
+        while self._pending and tokens < limit and len(window) < WINDOW_ITEMS:
             slot = self._pending.popleft()
             if slot.job.done:
                 continue
@@ -267,6 +268,22 @@ class Batcher:
             slot.job.pending_tokens -= n
             self._pending_tokens -= n
         return window
+
+    def _choose_batch(self, window: list[_Slot]) -> list[_Slot]:
+        """The planned batch holding the window's oldest item; the window's other items go back to the
+        head of the queue, in order, to be planned again with the next arrivals."""
+        if not window:
+            return []
+        plan = self.policy.plan_items([s.item for s in window])
+        chosen = next(idxs for idxs in plan if 0 in idxs)  # window[0] is the oldest live item
+        taken = set(chosen)
+        for i in range(len(window) - 1, -1, -1):
+            if i not in taken:
+                slot = window[i]
+                self._pending.appendleft(slot)
+                slot.job.pending_tokens += slot.item.n_tokens
+                self._pending_tokens += slot.item.n_tokens
+        return [window[i] for i in chosen]
 
     async def _run_batch(self, batch: list[_Slot]) -> None:
         assert self._executor is not None

@@ -232,3 +232,35 @@ async def test_close_fails_the_window_in_flight_instead_of_hanging():
     with pytest.raises(Overloaded, match="shut down"):
         await asyncio.wait_for(job.future, 5)
     assert (b.queued_items, b.queued_tokens) == (0, 0)
+
+
+async def test_the_oldest_item_goes_first_and_leftovers_are_replanned_with_newcomers():
+    """Each batch holds the oldest queued item; the window's other items wait at the queue's head and
+    are planned again with later arrivals, so similar lengths from different moments share a batch."""
+    engine = FakeEngine()
+    engine.gate.clear()
+    b = make(engine, token_budget=10_000, max_batch_size=64, max_wait_s=0.0, max_padding=0.1)
+    old = [b.submit([item(n, tag=n)]) for n in (200, 10)]  # 200 is the older: its batch goes first
+    await asyncio.sleep(0.05)  # the worker is inside that forward, held at the gate
+    new = [b.submit([item(n, tag=n)]) for n in (11, 12)]
+    engine.gate.set()
+    await asyncio.gather(*(j.future for j in old + new))
+    assert engine.batches == [[200], [10, 11, 12]]  # (planned once per window: 10 alone)
+    assert (b.queued_items, b.queued_tokens, b._pending_tokens) == (0, 0, 0)
+    await b.close(1)
+
+
+async def test_a_request_dropped_while_its_items_wait_for_replanning_costs_no_forward():
+    engine = FakeEngine()
+    engine.gate.clear()
+    b = make(engine, token_budget=10_000, max_batch_size=64, max_wait_s=0.0, max_padding=0.1)
+    held = b.submit([item(300, tag=1)])
+    await asyncio.sleep(0.05)
+    keep = b.submit([item(10, tag=2)])
+    drop = b.submit([item(100, tag=3), item(101, tag=4)])
+    b.cancel(drop)
+    engine.gate.set()
+    await asyncio.gather(held.future, keep.future)
+    assert sorted(engine.seen) == [1, 2]
+    assert (b.queued_items, b.queued_tokens, b._pending_tokens) == (0, 0, 0)
+    await b.close(1)
