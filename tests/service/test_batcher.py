@@ -264,3 +264,45 @@ async def test_a_request_dropped_while_its_items_wait_for_replanning_costs_no_fo
     assert sorted(engine.seen) == [1, 2]
     assert (b.queued_items, b.queued_tokens, b._pending_tokens) == (0, 0, 0)
     await b.close(1)
+
+
+class SteppedEngine(FakeEngine):
+    """Forward number k waits for `steps[k]`, so a test can hold exactly one batch."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.steps = [threading.Event() for _ in range(n)]
+        self.calls = 0
+
+    def forward(self, batch):
+        k, self.calls = self.calls, self.calls + 1
+        self.steps[k].wait(30)
+        return super().forward(batch)
+
+
+async def test_a_full_batch_is_queued_behind_the_running_one_a_part_full_one_is_not():
+    """The forward thread goes from batch to batch without waiting on the event loop when a full
+    batch is waiting; a part-full one stays in the queue to collect arrivals. A request dropped
+    while its batch is queued costs no forward."""
+    engine = SteppedEngine(4)
+    b = make(engine, token_budget=40, max_batch_size=4, max_wait_s=0.0)
+    first = b.submit([item(10, tag=1)])
+    await asyncio.sleep(0.05)  # the worker is inside the first forward, held
+    full = b.submit([item(10, tag=t) for t in (2, 3, 4, 5)])  # one budget's worth
+    dropped = b.submit([item(10, tag=t) for t in (6, 7, 8, 9)])  # and another
+    rest = b.submit([item(10, tag=10)])
+    await asyncio.sleep(0.05)
+    assert [len(batch) for batch in b._running] == [1]  # they arrived after the choice
+    engine.steps[0].set()
+    await first.future
+    await asyncio.sleep(0.05)  # the second forward is held
+    assert [len(batch) for batch in b._running] == [4, 4]  # one running, one full one queued
+    b.cancel(dropped)
+    for step in engine.steps[1:]:
+        step.set()
+    await asyncio.gather(full.future, rest.future)
+    with pytest.raises(asyncio.CancelledError):
+        await dropped.future
+    assert set(engine.seen) == {1, 2, 3, 4, 5, 10}  # the dropped request never reached the engine
+    assert (b.queued_items, b.queued_tokens, b._pending_tokens) == (0, 0, 0)
+    await b.close(1)
