@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-kernel bench-gpu clean
+.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-ceiling bench-kernel bench-gpu clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-engine: $(STAMP)
 
 bench-service: $(STAMP)
 	$(BIN)/python bench/service_bench.py
+
+bench-ceiling: $(STAMP)
+	$(BIN)/python bench/ceiling_bench.py
 
 bench-kernel: $(STAMP)
 	$(BIN)/python bench/bench_multihead_reward.py

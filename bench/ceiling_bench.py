@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,46 @@ def build_qwen2(dest: Path, *, hidden: int = 256, layers: int = 4, k: int = 4, s
     return dest
 
 
+@dataclass
+class Shape:
+    """Where a run's time went: encoder batches, their padded and real tokens, the encoder's seconds."""
+
+    wall_s: float
+    batches: int
+    padded: int
+    real: int
+    forward_s: float
+
+    def describe(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "padding %": 100 * (1 - self.real / self.padded),
+            "encoder s": self.forward_s,
+            "wall s": self.wall_s,
+            "encoder idle %": 100 * max(0.0, 1 - self.forward_s / self.wall_s),
+            "us / padded token": 1e6 * self.forward_s / self.padded,
+        }
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The batch counters this bench reads from the server's own /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {
+        "hydra_rm_batch_size_count",
+        "hydra_rm_batch_tokens_sum",
+        "hydra_rm_tokens_total",
+        "hydra_rm_inference_seconds_sum",
+    }
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                out[sample.name] = sample.value
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=160)
@@ -113,12 +153,37 @@ def main() -> None:
     engines["capped"].warmup()
     lengths = [e.n_tokens for e in map(engines["capped"].encode, items)]
 
+    record: list[tuple[int, int, int, float]] = []  # (items, padded, real, seconds) per batch
+
+    def recorded(forward: Any) -> Any:
+        def wrapped(batch: Any) -> Any:
+            t0 = time.perf_counter()
+            out = forward(batch)
+            n = [e.n_tokens for e in batch]
+            record.append((len(n), max(n) * len(n), sum(n), time.perf_counter() - t0))
+            return out
+
+        return wrapped
+
+    for engine in engines.values():
+        engine.forward = recorded(engine.forward)  # type: ignore[method-assign]
+    inprocess: dict[str, Shape] = {}
+
     def ceiling() -> dict[str, float]:
         out = {}
         for name, engine in engines.items():
+            record.clear()
             t0 = time.perf_counter()
             engine.score(items)
-            out[name] = len(items) / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            out[name] = len(items) / wall
+            inprocess[name] = Shape(
+                wall,
+                len(record),
+                sum(r[1] for r in record),
+                sum(r[2] for r in record),
+                sum(r[3] for r in record),
+            )
         return out
 
     env = dict(
@@ -134,13 +199,25 @@ def main() -> None:
     )
     url = f"http://127.0.0.1:{port}"
     rows: list[tuple[int, dict[str, float], Any, float]] = []
+    shapes: list[tuple[int, Shape, Shape]] = []  # (clients, in-process best, service)
     try:
         asyncio.run(drive(url, "/get_reward", bodies[:16], 16, 4))  # warm-up
         ceiling()
         for i in range(args.pairs):
             for clients in args.clients:
                 ceil = ceiling()
+                best = inprocess[max(ceil, key=lambda k: ceil[k])]
+                before = scrape(url)
                 res = asyncio.run(drive(url, "/get_reward", bodies, len(texts), clients))
+                after = {k: v - before.get(k, 0.0) for k, v in scrape(url).items()}
+                served = Shape(
+                    len(texts) / res.items_per_s,
+                    int(after["hydra_rm_batch_size_count"]),
+                    int(after["hydra_rm_batch_tokens_sum"]),
+                    int(after["hydra_rm_tokens_total"]),
+                    after["hydra_rm_inference_seconds_sum"],
+                )
+                shapes.append((clients, best, served))
                 rows.append((clients, ceil, res, res.items_per_s / max(ceil.values())))
                 print(
                     f"pair {i} clients {clients}: ceiling capped {ceil['capped']:.1f} uncapped "
@@ -181,6 +258,25 @@ def main() -> None:
     for clients in args.clients:
         med = statistics.median(r[3] for r in rows if r[0] == clients)
         lines.append(f"| {clients} | **{med:.3f}** |")
+    lines += [
+        "",
+        "Where the time goes (medians over the pairs; service numbers from its own /metrics: batch count, "
+        "`hydra_rm_batch_tokens` padded tokens, `hydra_rm_tokens` real tokens, `hydra_rm_inference_seconds` "
+        "encoder time; in-process from the same counts around `engine.forward`). `encoder idle` is the "
+        "share of the wall time the forward thread was not in a batch (hand-over, waiting for requests); "
+        "`us / padded token` rising over in-process is contention (other threads taking the cores).",
+        "",
+        "| clients | run | batches | padding % | encoder s | wall s | encoder idle % | us / padded token |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for clients in args.clients:
+        for label, idx in (("in-process", 1), ("service", 2)):
+            picked = [sh[idx].describe() for sh in shapes if sh[0] == clients]
+            med = {k: statistics.median(d[k] for d in picked) for k in picked[0]}
+            lines.append(
+                f"| {clients} | {label} | {med['batches']:.0f} | {med['padding %']:.1f} | {med['encoder s']:.2f} | "
+                f"{med['wall s']:.2f} | {med['encoder idle %']:.1f} | {med['us / padded token']:.1f} |"
+            )
     med32 = statistics.median(r[3] for r in rows if r[0] == 32) if 32 in args.clients else None
     if med32 is not None:
         lines += [
