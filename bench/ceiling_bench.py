@@ -46,36 +46,9 @@ def requests(n: int, seed: int = 0) -> list[list[str]]:
 
 def build_qwen2(dest: Path, *, hidden: int = 256, layers: int = 4, k: int = 4, seed: int = 0) -> Path:
     """A random Qwen2-style reward model (RoPE, GQA, biased q/k/v) with the default's tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    from tests.builders import build_tiny_decoder
 
-    from model_store.default_model import corpus_path, train_tokenizer
-    from model_store.manifest import RewardManifest
-
-    dest.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(corpus_path().read_text().splitlines())
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        num_labels=k,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForSequenceClassification(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, 0.1)
-    model.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
-    RewardManifest.default_for(k, pooling="last_token").write(dest)
-    return dest
+    return build_tiny_decoder(dest, "qwen2", hidden=hidden, layers=layers, k=k, max_positions=2048, seed=seed)
 
 
 @dataclass

@@ -306,3 +306,20 @@ async def test_a_full_batch_is_queued_behind_the_running_one_a_part_full_one_is_
     assert set(engine.seen) == {1, 2, 3, 4, 5, 10}  # the dropped request never reached the engine
     assert (b.queued_items, b.queued_tokens, b._pending_tokens) == (0, 0, 0)
     await b.close(1)
+
+
+async def test_a_batch_full_by_item_count_is_queued_ahead_too():
+    """On GPU budgets (64k tokens) a batch fills by `max_batch_size` long before its tokens."""
+    engine = SteppedEngine(4)
+    b = make(engine, token_budget=10_000, max_batch_size=2, max_wait_s=0.0)
+    first = b.submit([item(10, tag=1)])
+    await asyncio.sleep(0.05)
+    rest = b.submit([item(10, tag=t) for t in (2, 3, 4, 5)])
+    engine.steps[0].set()
+    await first.future
+    await asyncio.sleep(0.05)
+    assert [len(batch) for batch in b._running] == [2, 2]
+    for step in engine.steps[1:]:
+        step.set()
+    await rest.future
+    await b.close(1)

@@ -11,9 +11,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from model_store import ModelStore
-from model_store.default_model import corpus_path, train_tokenizer
 from model_store.loader import load_reward_model
-from model_store.manifest import RewardManifest
 from model_store.tokenization import EncodedItem, Item
 from service.engine import ScoringEngine
 from service.prefix import (
@@ -23,52 +21,9 @@ from service.prefix import (
     plan_prefix_groups,
     plan_shared_batches,
 )
+from tests.builders import build_tiny_decoder
 
 ATOL = 1e-5
-
-
-def _build(dest: Path, arch: str, *, hidden: int = 32, layers: int = 2, k: int = 4) -> Path:
-    """Tiny Qwen2 (RoPE, GQA, biased q/k/v) or GPT-2 (learned absolute positions) classifiers."""
-    from transformers import (
-        GPT2Config,
-        GPT2ForSequenceClassification,
-        Qwen2Config,
-        Qwen2ForSequenceClassification,
-    )
-
-    dest.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(corpus_path().read_text().splitlines())
-    common = {
-        "vocab_size": len(tok),
-        "num_labels": k,
-        "pad_token_id": tok.pad_token_id,
-        "bos_token_id": tok.bos_token_id,
-        "eos_token_id": tok.eos_token_id,
-    }
-    if arch == "gpt2":
-        drop = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
-        config = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=512, **drop, **common)
-        model_cls = GPT2ForSequenceClassification
-    else:
-        config = Qwen2Config(
-            hidden_size=hidden,
-            intermediate_size=hidden * 2,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            **common,
-        )
-        model_cls = Qwen2ForSequenceClassification
-    torch.manual_seed(0)
-    model = model_cls(config)
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, 0.1)
-    model.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
-    RewardManifest.default_for(k, pooling="last_token").write(dest)
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +31,8 @@ def model_dirs(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("prefix-models")
     return {
         "llama": tiny_llama_dir,
-        "qwen2": _build(root / "qwen2", "qwen2"),
-        "gpt2": _build(root / "gpt2", "gpt2"),
+        "qwen2": build_tiny_decoder(root / "qwen2", "qwen2"),
+        "gpt2": build_tiny_decoder(root / "gpt2", "gpt2"),
     }
 
 
