@@ -101,6 +101,11 @@ def plan_prefix_groups(
     must not swallow eight groups that each share 500).
     """
     n = len(seqs)
+    if keys is None:  # the common case, nothing shared: every item's first tokens differ (cheap to see)
+        head = max(1, min_shared or DEFAULT_MIN_SHARED)
+        if len({tuple(s[:head]) for s in seqs}) == n:  # so no duplicates and no shared runs of `head`
+            total = sum(len(s) for s in seqs)
+            return PrefixPlan(list(range(n)), [], list(range(n)), total, total)
     first: dict[Any, int] = {}
     source = []
     for i in range(n):

@@ -452,3 +452,15 @@ def test_service_counts_tokens_saved_and_shared_items(tiny_engine: ScoringEngine
     want = tiny_engine.forward_padded(encoded)
     got = torch.tensor([x["heads"] for x in r.json()["results"]])
     torch.testing.assert_close(got, _rewards(want), atol=ATOL, rtol=ATOL)
+
+
+def test_plan_with_nothing_shared_is_the_identity_and_a_single_duplicate_is_still_found() -> None:
+    rng = random.Random(3)
+    seqs = [[rng.randrange(3, 500) for _ in range(rng.randint(5, 90))] for _ in range(40)]
+    plan = plan_prefix_groups(seqs, min_shared=32)
+    assert (plan.groups, plan.singles, plan.source) == ([], list(range(40)), list(range(40)))
+    assert plan.tokens_saved == 0
+    dup = plan_prefix_groups([*seqs, list(seqs[7])], min_shared=32)
+    assert dup.source[40] == 7 and dup.tokens_saved == len(seqs[7])
+    short = plan_prefix_groups([[1, 2, 3], [1, 2, 3], [1, 2]], min_shared=None)  # sharing off: dups only
+    assert short.source == [0, 0, 2] and short.groups == []
