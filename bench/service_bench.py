@@ -81,7 +81,7 @@ def per_request_app(model_dir: str) -> Any:
 
     @app.post("/v1/score")
     async def score(body: dict) -> dict:
-        scores = engine.forward([engine.encode(it) for it in body["items"]])
+        scores = engine.forward([engine.encode(Item(**it)) for it in body["items"]])
         return {"results": [{"reward": s.min, "heads": s.rewards} for s in scores]}
 
     @app.get("/readyz")

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from service.auth import ApiKeyMiddleware, api_key_dependency
+from service.batcher import forward_thread
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.middleware import ArrivalMiddleware, Arrivals, BodyLimitMiddleware
@@ -42,8 +43,13 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        eng = engine if engine is not None else await asyncio.to_thread(build_engine, settings)
-        service = ScoringService(settings, eng, metrics, arrivals)
+        # Load, warm up and run the model on one thread: see service/batcher.py `forward_thread`.
+        torch_thread = forward_thread()
+        if engine is not None:
+            eng = engine
+        else:
+            eng = await asyncio.get_running_loop().run_in_executor(torch_thread, build_engine, settings)
+        service = ScoringService(settings, eng, metrics, arrivals, torch_thread=torch_thread)
         await service.start()
         app.state.service = service
         try:

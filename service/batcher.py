@@ -77,6 +77,11 @@ class _Slot:
         return self.job.items[self.index]
 
 
+def forward_thread() -> ThreadPoolExecutor:
+    """The single thread every torch call of a server runs on (model load, warm-up, forwards)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-rm-forward")
+
+
 @dataclass(eq=False)
 class _Launched:
     """A batch handed to the forward thread and the future of its results."""
@@ -100,6 +105,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         on_failure: Callable[[Exception], None] | None = None,
         more_coming: Callable[[], bool] | None = None,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self._forward = forward
         self.policy = policy
@@ -117,7 +123,11 @@ class Batcher:
         self.queued_tokens = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        # The forward thread. The app passes the one thread that loaded the model: torch work on a
+        # second thread gives the process a second OpenMP pool, and libgomp then throttles its spin-wait
+        # (more threads than cores), so every op's threads sleep and wake: one-item forwards ran at 47
+        # items/s instead of 69 here (bench/results/service-cpu.md).
+        self._executor: ThreadPoolExecutor | None = executor
         self._closing = False
         self._flush_now = False
         self._running: list[list[_Slot]] = []  # batches taken from the queue, not yet delivered
@@ -125,7 +135,8 @@ class Batcher:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hydra-rm-forward")
+        if self._executor is None:
+            self._executor = forward_thread()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hydra-rm-batcher")
 
     @property

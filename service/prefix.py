@@ -9,8 +9,8 @@ share it; identical sequences are scored once and fanned out.
 How suffixes are batched decides the gain. On CPU compute is linear in padded tokens, so suffixes
 run in length-sorted sub-batches under the padding cap, each against its group's cached keys/values
 expanded to the sub-batch (`group_sorted`). Measured on 12 prompts x 8 (bench/results/prefix-cpu.md,
-shared machine): group_sorted 3.05x over no sharing, one suffix per forward 3.04x, suffixes of
-several groups batched with padded prefixes 2.49x, all G suffixes padded together 1.96x. On GPU the
+shared machine): group_sorted 3.00x over no sharing, one suffix per forward 2.94x, suffixes of
+several groups batched with padded prefixes 2.40x, all G suffixes padded together 1.91x. On GPU the
 same sub-batches grow with the padding cap.
 """
 

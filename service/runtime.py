@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -43,7 +44,12 @@ class ScoringService:
     """The model-facing half of the app; the routes only translate between HTTP and this."""
 
     def __init__(
-        self, settings: Settings, engine: ScoringEngine, metrics: Metrics, arrivals: Arrivals | None = None
+        self,
+        settings: Settings,
+        engine: ScoringEngine,
+        metrics: Metrics,
+        arrivals: Arrivals | None = None,
+        torch_thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -63,7 +69,9 @@ class ScoringService:
             observer=metrics.observe_batch,
             on_failure=lambda _: metrics.batch_failures.inc(),
             more_coming=self.arrivals.more_coming,
+            executor=torch_thread,
         )
+        self._torch_thread = torch_thread
         self.ready = False
         self.draining = False
         self._drain_started: float | None = None
@@ -74,7 +82,10 @@ class ScoringService:
     async def start(self) -> None:
         """Warm up (first forward pays for lazy init), then start batching; only then ready."""
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.engine.warmup)
+        if self._torch_thread is not None:  # on the thread that loaded the model and will run it
+            await self._loop.run_in_executor(self._torch_thread, self.engine.warmup)
+        else:
+            await asyncio.to_thread(self.engine.warmup)
         prefix = getattr(self.engine, "prefix", None)
         if prefix is not None:  # after warm-up, so the counters see traffic only
             prefix.on_plan = self.metrics.observe_prefix
