@@ -6,6 +6,8 @@ a millisecond stalls both. The question behind it: would moving the engine into 
 (no GIL shared with the event loop) win anything? If a neighbour process costs what a neighbour thread
 does, no.
 
+Also: one-item forwards with one OpenMP pool in the process vs two (the model loaded on another thread).
+
 Usage: `python bench/contention_bench.py [--rounds 5] [--busy-ms 1] [--period-ms 22]`; writes
 bench/results/contention-<device>.md. Model and items: bench/ceiling_bench.py's (Qwen2-style, hidden
 256, 4 layers, 416 items of 1-4 text requests), pre-tokenized, `engine.score_encoded`.
@@ -36,6 +38,55 @@ def burn(stop: Any, busy_s: float, idle_s: float) -> None:
         while time.perf_counter() - t < busy_s:
             pass
         time.sleep(idle_s)
+
+
+def _pools_child(split: bool, queue: Any) -> None:
+    """In a fresh process: one-item forwards on a worker thread, the model loaded on that same thread
+    (one OpenMP pool) or on the main thread (`split`: two pools, as the server had before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.ceiling_bench import build_qwen2, requests
+    from model_store import ModelStore
+    from model_store.loader import load_reward_model
+    from model_store.tokenization import Item
+    from service.engine import ScoringEngine
+
+    tmp = Path(tempfile.mkdtemp(prefix="hydra-pools-"))
+    model_dir = build_qwen2(tmp / "model")
+    worker = ThreadPoolExecutor(1)
+
+    def load() -> ScoringEngine:
+        engine = ScoringEngine(load_reward_model(str(model_dir), ModelStore(tmp / "store")))
+        engine.warmup()
+        return engine
+
+    engine = load() if split else worker.submit(load).result()
+    encoded = [engine.encode(Item(text=t)) for r in requests(40) for t in r]
+
+    def run() -> float:
+        t0 = time.perf_counter()
+        for e in encoded:
+            engine.forward([e])
+        return len(encoded) / (time.perf_counter() - t0)
+
+    queue.put([worker.submit(run).result() for _ in range(3)])
+
+
+def pools(rounds: int) -> list[dict[str, float]]:
+    """Median items/s of one-item forwards, one pool vs two, each in a fresh process, alternating."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for i in range(rounds):
+        row = {}
+        for split in (False, True) if i % 2 == 0 else (True, False):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_pools_child, args=(split, queue))
+            proc.start()
+            row["two pools" if split else "one pool"] = statistics.median(queue.get(timeout=600))
+            proc.join()
+        rows.append(row)
+        print(f"pools round {i}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -117,11 +168,29 @@ def main() -> None:
             f"| {i} | {r['alone']:.1f} | {r['thread']:.1f} | {r['process']:.1f} | "
             f"{r['thread'] / r['alone']:.3f} | {r['process'] / r['alone']:.3f} |"
         )
+    pool_rows = pools(args.rounds)
     med_t = statistics.median(r["thread"] / r["alone"] for r in rows)
     med_p = statistics.median(r["process"] / r["alone"] for r in rows)
     lines += [
         "",
         f"Median: beside a thread **{med_t:.3f}x**, beside a process **{med_p:.3f}x** of alone.",
+        "",
+        "## One OpenMP pool or two",
+        "",
+        "One-item forwards (the first 40 requests' items) on a worker thread, each variant in a fresh "
+        "process: the model loaded and warmed up on that same thread (`one pool`), or on the main thread "
+        "(`two pools`: torch work on a second thread gives it a pool of its own; libgomp then counts more "
+        "threads than cores and throttles the spin-wait, so each op's threads sleep and wake). This is "
+        "why the server loads, warms up and runs its model on its one forward thread.",
+        "",
+        "| round | one pool items/s | two pools items/s | two / one |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {i} | {r['one pool']:.1f} | {r['two pools']:.1f} | {r['two pools'] / r['one pool']:.3f} |"
+            for i, r in enumerate(pool_rows)
+        ),
+        "",
+        f"Median two / one: **{statistics.median(r['two pools'] / r['one pool'] for r in pool_rows):.3f}x**.",
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)

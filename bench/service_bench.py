@@ -74,14 +74,16 @@ def per_request_app(model_dir: str) -> Any:
     engine.warmup()
     app = FastAPI()
 
+    # forward_padded: one plain padded pass per request, as a hand-rolled server does (engine.forward
+    # would bring hydra-rm's own padding cap and prefix sharing into the baseline).
     @app.post("/get_reward")
     async def get_reward(body: dict) -> dict:
-        scores = engine.forward([engine.encode(Item(text=q)) for q in body["query"]])
+        scores = engine.forward_padded([engine.encode(Item(text=q)) for q in body["query"]])
         return {"rewards": [s.min for s in scores]}
 
     @app.post("/v1/score")
     async def score(body: dict) -> dict:
-        scores = engine.forward([engine.encode(Item(**it)) for it in body["items"]])
+        scores = engine.forward_padded([engine.encode(Item(**it)) for it in body["items"]])
         return {"results": [{"reward": s.min, "heads": s.rewards} for s in scores]}
 
     @app.get("/readyz")

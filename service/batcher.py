@@ -125,8 +125,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         # The forward thread. The app passes the one thread that loaded the model: torch work on a
         # second thread gives the process a second OpenMP pool, and libgomp then throttles its spin-wait
-        # (more threads than cores), so every op's threads sleep and wake: one-item forwards ran at 47
-        # items/s instead of 69 here (bench/results/service-cpu.md).
+        # (more threads than cores), so every op's threads sleep and wake: one-item forwards ran at
+        # 0.71x (bench/results/contention-cpu.md).
         self._executor: ThreadPoolExecutor | None = executor
         self._closing = False
         self._flush_now = False
