@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.batching import BatchObserver, BatchPolicy, ForwardFn, forward_isolating
 from service.drain import ShuttingDown
@@ -127,7 +128,7 @@ class Batcher:
         # second thread gives the process a second OpenMP pool, and libgomp then throttles its spin-wait
         # (more threads than cores), so every op's threads sleep and wake: one-item forwards ran at
         # 0.71x (bench/results/contention-cpu.md).
-        self._executor: ThreadPoolExecutor | None = executor
+        self._executor = executor if executor is not None else forward_thread()
         self._closing = False
         self._flush_now = False
         self._running: list[list[_Slot]] = []  # batches taken from the queue, not yet delivered
@@ -135,9 +136,11 @@ class Batcher:
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._wake = asyncio.Event()
-        if self._executor is None:
-            self._executor = forward_thread()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hydra-rm-batcher")
+
+    async def on_forward_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the forward thread (the app's warm-up: torch work stays on one thread)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     @property
     def alive(self) -> bool:
@@ -167,8 +170,7 @@ class Batcher:
             self._fail(slot.job, ShuttingDown("server shut down before scoring; retry", self.retry_after_s))
         self._pending.clear()
         self._running = []
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- requests --------------------------------------------------------------------------------
     def submit(self, items: Sequence[EncodedItem], field: str = "items") -> Job:
@@ -254,7 +256,6 @@ class Batcher:
 
     def _launch(self) -> _Launched | None:
         """Take the next batch and queue it on the forward thread (None if nothing live was left)."""
-        assert self._executor is not None
         window = self._take_window()
         self._running.append(window)  # until the plan picks, the whole window is in hand
         try:

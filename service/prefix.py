@@ -116,9 +116,6 @@ def plan_prefix_groups(
     if min_shared is None or len(reps) < 2:
         return PrefixPlan(source, [], reps, total, sum(len(seqs[i]) for i in reps))
     min_shared = max(1, min_shared)
-    heads = [tuple(seqs[i][:min_shared]) for i in reps if len(seqs[i]) > min_shared]
-    if len(set(heads)) == len(heads):  # no two can share min_shared tokens: skip the sort and the DP
-        return PrefixPlan(source, [], reps, total, sum(len(seqs[i]) for i in reps))
     order = sorted(reps, key=lambda i: (tuple(seqs[i]), i))
     m = len(order)
     lcp = [_common_prefix(seqs[order[k]], seqs[order[k + 1]]) for k in range(m - 1)]

@@ -71,7 +71,6 @@ class ScoringService:
             more_coming=self.arrivals.more_coming,
             executor=torch_thread,
         )
-        self._torch_thread = torch_thread
         self.ready = False
         self.draining = False
         self._drain_started: float | None = None
@@ -82,10 +81,7 @@ class ScoringService:
     async def start(self) -> None:
         """Warm up (first forward pays for lazy init), then start batching; only then ready."""
         self._loop = asyncio.get_running_loop()
-        if self._torch_thread is not None:  # on the thread that loaded the model and will run it
-            await self._loop.run_in_executor(self._torch_thread, self.engine.warmup)
-        else:
-            await asyncio.to_thread(self.engine.warmup)
+        await self.batcher.on_forward_thread(self.engine.warmup)  # where the model loaded and will run
         prefix = getattr(self.engine, "prefix", None)
         if prefix is not None:  # after warm-up, so the counters see traffic only
             prefix.on_plan = self.metrics.observe_prefix

@@ -13,6 +13,8 @@ from transformers import AutoModelForSequenceClassification
 from model_store import ModelStore
 from model_store.loader import load_reward_model
 from model_store.tokenization import EncodedItem, Item
+from service.batcher import Batcher
+from service.batching import BatchPolicy
 from service.engine import ScoringEngine
 from service.prefix import (
     PrefixGroup,
@@ -69,6 +71,19 @@ def _workload(vocab: int, seed: int) -> list[EncodedItem]:
     items.append(_enc(items[0].input_ids))
     rng.shuffle(items)
     return items
+
+
+def _started_batcher(scorer: PrefixScorer) -> Batcher:
+    """A batcher over `scorer` with room for everything these tests send at once."""
+    b = Batcher(
+        scorer.forward,
+        BatchPolicy(100_000, 64, 10.0),
+        max_queue_items=100,
+        max_queue_tokens=100_000,
+        max_wait_s=0.05,
+    )
+    b.start()
+    return b
 
 
 def _rewards(scores: list) -> torch.Tensor:
@@ -273,8 +288,6 @@ async def test_poison_item_inside_a_shared_group_fails_alone(
     tiny_engine: ScoringEngine, tiny_llama_dir: Path
 ) -> None:
     """One request per response, as OpenRLHF sends them; one suffix breaks the embedding lookup."""
-    from service.batcher import Batcher
-    from service.batching import BatchPolicy
     from service.errors import ScoringFailed
 
     rng = random.Random(11)
@@ -282,14 +295,7 @@ async def test_poison_item_inside_a_shared_group_fails_alone(
     items = [_enc(prompt + [rng.randrange(3, 500) for _ in range(rng.randint(2, 20))]) for _ in range(6)]
     poison = _enc(prompt + [tiny_engine.model.config.vocab_size + 5, 4])
     scorer = PrefixScorer(tiny_engine, max_padding=10.0)
-    b = Batcher(
-        scorer.forward,
-        BatchPolicy(100_000, 64, 10.0),
-        max_queue_items=100,
-        max_queue_tokens=100_000,
-        max_wait_s=0.05,
-    )
-    b.start()
+    b = _started_batcher(scorer)
     jobs = [b.submit([e]) for e in items[:3]] + [b.submit([poison])] + [b.submit([e]) for e in items[3:]]
     results = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
     await b.close(1)
@@ -317,21 +323,12 @@ def test_group_straddling_two_batches_scores_the_same(
 
 
 async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engine: ScoringEngine) -> None:
-    from service.batcher import Batcher
-    from service.batching import BatchPolicy
 
     rng = random.Random(12)
     answers = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 9, 40)]
     requests = [[_enc(answers[(r + k) % 3]) for k in range(3)] for r in range(6)]
     scorer = PrefixScorer(tiny_engine)
-    b = Batcher(
-        scorer.forward,
-        BatchPolicy(100_000, 64, 10.0),
-        max_queue_items=100,
-        max_queue_tokens=100_000,
-        max_wait_s=0.05,
-    )
-    b.start()
+    b = _started_batcher(scorer)
     jobs = [b.submit(req) for req in requests]
     results = await asyncio.gather(*(j.future for j in jobs))
     await b.close(1)
@@ -375,8 +372,6 @@ def test_setting_turns_sharing_off_and_encoders_plan_without_it(
 async def test_a_group_arriving_as_separate_requests_lands_in_one_batch() -> None:
     """16 requests sharing a 1,000-token prompt: 16k raw tokens overflow a window of 8 x 1,100, but
     the prompt counted once (1,080) fits one batch; the window must not cut the group in two."""
-    from service.batcher import Batcher
-    from service.batching import BatchPolicy
     from service.engine import ItemScore
 
     batches: list[int] = []
