@@ -19,7 +19,7 @@ from service.batcher import forward_thread
 from service.errors import install_error_handlers
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.middleware import ArrivalMiddleware, Arrivals, BodyLimitMiddleware
-from service.routes import health, models, score
+from service.routes import health, models, playground, score
 from service.runtime import ScoringService
 from service.settings import Settings, build_engine
 
@@ -75,6 +75,8 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     app.include_router(health.router)
     app.include_router(score.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
+    if settings.playground != "off":
+        app.include_router(playground.router)
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -85,6 +87,8 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
         protected = frozenset(r.path for router in (score.router, models.router) for r in router.routes)
         if docs == "auth":
             protected |= DOCS_PATHS
+        if settings.playground == "auth":
+            protected |= playground.PATHS
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=protected)
     app.add_middleware(ArrivalMiddleware, arrivals=arrivals)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every status

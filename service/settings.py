@@ -162,6 +162,14 @@ class Settings(BaseSettings):
         "strangers; tools such as schemathesis can send the key), else `public`.",
     )
 
+    playground: Literal["public", "auth", "off"] = Field(
+        default="public",
+        description="`/playground`, a page to score candidate responses by hand and see every head: "
+        "`public` (it holds no server data; with `HYDRA_RM_API_KEYS` set it asks for a key and sends it "
+        "as `Authorization: Bearer` with each call), `auth` (the page itself needs the key too, for a "
+        "proxy that adds the header; a bare browser gets 401) or `off` (404).",
+    )
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
@@ -175,6 +183,8 @@ class Settings(BaseSettings):
             self.model = None
         if self.docs == "auth" and not self.api_keys:
             raise ValueError("docs=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them")
+        if self.playground == "auth" and not self.api_keys:
+            raise ValueError("playground=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them")
         return self
 
     def resolved_device(self) -> str:
