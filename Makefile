@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-ceiling bench-kernel bench-gpu clean
+.PHONY: install serve test lint format lock prometheus browser bench-engine bench-service bench-ceiling bench-kernel bench-gpu clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/hydra-rm serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
@@ -31,6 +31,13 @@ prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus) >/dev/null \
 		|| echo "warning: could not install prometheus; tests/docker/test_observability.py will be skipped"; }
+
+# The playground's browser tests drive Debian's chromium headless through Playwright (pinned in the lock,
+# pointed at this binary: no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core) >/dev/null \
+		|| echo "warning: could not install chromium; the browser tests in tests/service/test_playground.py will be skipped"; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

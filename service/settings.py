@@ -184,7 +184,9 @@ class Settings(BaseSettings):
         if self.docs == "auth" and not self.api_keys:
             raise ValueError("docs=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them")
         if self.playground == "auth" and not self.api_keys:
-            raise ValueError("playground=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them")
+            raise ValueError(
+                "playground=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them"
+            )
         return self
 
     def resolved_device(self) -> str:

@@ -138,6 +138,7 @@ async function loadModels() {
   if (first && !$("uwo-lambda").dataset.touched) $("uwo-lambda").value = String(first.uwo_lambda);
   $("score").disabled = false;
   keyState();
+  performance.mark("hydra-models-listed"); // read by bench/playground_bench.py
 }
 
 // ---- input -----------------------------------------------------------------------------------------
@@ -238,10 +239,14 @@ function showError(e) {
   box.append(h("strong", { text: head }), " ", h("span", { class: "message", text: e.message }));
   if (e.field) box.append(" ", h("code", { class: "field", text: `field: ${e.field}` }));
   box.hidden = false;
-  // Point at the input the field names: items[i]... is candidate i, uwo_lambda the lambda box.
-  const m = /^items\[(\d+)\]/.exec(e.field || "");
+  // Point at the input the field names: items[i] is candidate i, except in chat mode the messages
+  // before the candidate's own turn (items[i].messages[j], j < conversation length).
+  const m = /^items\[(\d+)\](?:\.messages\[(\d+)\])?/.exec(e.field || "");
   const rows = $("candidates").children;
-  if (m && rows[Number(m[1])]) rows[Number(m[1])].querySelector("textarea").classList.add("bad");
+  const convo = $("messages").children;
+  if (m && state.mode === "chat" && m[2] !== undefined && Number(m[2]) < convo.length) {
+    convo[Number(m[2])].querySelector("textarea").classList.add("bad");
+  } else if (m && rows[Number(m[1])]) rows[Number(m[1])].querySelector("textarea").classList.add("bad");
   else if (e.field === "items") $("candidates").classList.add("bad");
   else if (e.field === "uwo_lambda") $("uwo-lambda").classList.add("bad");
 }
@@ -253,10 +258,12 @@ async function score() {
   button.disabled = true;
   button.textContent = "Scoring\u2026";
   const t0 = performance.now();
+  performance.mark("hydra-score-sent");
   try {
     const response = await api("v1/score", body);
     state.last = { response, texts, ms: performance.now() - t0 };
     render();
+    performance.mark("hydra-scored");
   } catch (e) {
     if (e.status === 401) askForKey(e.message);
     showError(e);

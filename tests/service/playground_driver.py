@@ -64,7 +64,9 @@ class Session:
     errors: list[str] = field(default_factory=list)
 
     def foreign_requests(self) -> list[str]:
-        return [r.url for r in self.requests if _origin(r.url) != self.origin and not r.url.startswith("data:")]
+        return [
+            r.url for r in self.requests if _origin(r.url) != self.origin and not r.url.startswith("data:")
+        ]
 
 
 def _origin(url: str) -> str:

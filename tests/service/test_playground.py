@@ -66,7 +66,9 @@ def test_playground_setting_public_auth_off(tiny_engine: Any) -> None:
     with live_server(Settings(api_keys=[KEY], playground="auth"), tiny_engine) as live:
         anonymous = {p: httpx.get(live.url + p, timeout=30) for p in PATHS}
         keyed = {p: httpx.get(live.url + p, headers=auth, timeout=30) for p in PATHS}
-    assert all(r.status_code == 401 for r in anonymous.values()), {p: r.status_code for p, r in anonymous.items()}
+    assert all(r.status_code == 401 for r in anonymous.values()), {
+        p: r.status_code for p, r in anonymous.items()
+    }
     assert all(r.json()["error"]["type"] == "unauthorized" for r in anonymous.values())
     assert all(r.status_code == 200 for r in keyed.values())
     for keys in ([KEY], []):
@@ -157,8 +159,10 @@ def test_scores_three_candidates_and_renders_the_apis_numbers(
     page = session.page
     with default_live.client() as c:
         card = c.get("/v1/models").json()["data"][0]
-    assert page.locator(f'[data-model-id="{card["id"]}"]').inner_text().startswith(
-        f"{card['id']}:{card['version']}"
+    assert (
+        page.locator(f'[data-model-id="{card["id"]}"]')
+        .inner_text()
+        .startswith(f"{card['id']}:{card['version']}")
     )
     drv.fill(session, PROMPT, CANDIDATES)
     body, status, answer = drv.click_score(session)
@@ -251,6 +255,13 @@ def test_chat_mode_scores_each_candidate_as_the_next_assistant_turn(
         for c in CANDIDATES[:2]
     ]
     _check_rows(drv.read_table(session), answer)
+    # An error in the shared conversation points at that message, not at a candidate.
+    page.evaluate("() => { document.querySelector('#messages textarea').value = 'hi \\ud800'; }")
+    _, status, answer = drv.click_score(session)
+    assert status == 422 and answer["error"]["field"] == "items[0].messages[0].content", answer
+    assert "bad" in (page.get_attribute("#messages textarea", "class") or "")
+    assert page.locator("#candidates textarea.bad").count() == 0
+    session.errors.clear()  # the browser logs the 422 to its console
 
 
 def test_errors_show_the_servers_message_and_field(session: drv.Session, default_live: Live) -> None:
