@@ -436,6 +436,7 @@ function renderCompare() {
   const B = resp.results[ib];
   $("cmp-head-a").textContent = letter(ia);
   $("cmp-head-b").textContent = letter(ib);
+  $("cmp-head-diff").textContent = `${letter(ib)} \u2212 ${letter(ia)}`;
   const lines = [];
   if (A.heads && B.heads) resp.head_names.forEach((n, k) => lines.push([n, A.heads[k], B.heads[k], `head:${k}`]));
   lines.push(["min", A.min, B.min, "min"], ["mean", A.mean, B.mean, "mean"], ["UWO", A.reward, B.reward, "uwo"]);

@@ -191,6 +191,12 @@ def test_scores_three_candidates_and_renders_the_apis_numbers(
     assert f"{answer['usage']['tokens']} tokens" in summary and "3 items" in summary
     legend = page.inner_text("#legend")
     assert all(name in legend for name in answer["head_names"])
+    page.select_option("#cmp-b", "2")  # the picture compares the plain review with the repeated word
+    compared = drv.read_compare(session)
+    assert (
+        float(compared["head:0"]["diff"])
+        == answer["results"][2]["heads"][0] - answer["results"][0]["heads"][0]
+    )
     page.screenshot(path=str(tmp_path / "playground.png"), full_page=True)
     assert (tmp_path / "playground.png").stat().st_size > 10_000
     target = os.environ.get("HYDRA_RM_PLAYGROUND_SCREENSHOT")
@@ -230,6 +236,7 @@ def test_columns_sort_and_compare_two_shows_each_heads_difference(session: drv.S
     page.select_option("#cmp-a", "0")
     page.select_option("#cmp-b", "2")
     table = drv.read_compare(session)
+    assert page.inner_text("#cmp-head-diff") == "C \u2212 A"
     a, b = results[0], results[2]
     for k, name in enumerate(answer["head_names"]):
         row = table[f"head:{k}"]
