@@ -118,7 +118,8 @@ def main() -> None:
         "",
         f"Command: `.venv/bin/python bench/playground_bench.py --rounds {args.rounds}`. "
         f"{platform.node()}, {os.cpu_count()} cores, Chromium {version} headless (Playwright), "
-        f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after (shared machine).",
+        f"load average {load_before[0]:.2f} before / {load_after[0]:.2f} after (shared machine), "
+        f"niceness {os.nice(0)}.",
         "",
         "Bytes per request (median over rounds; headers + body, as Chromium received them, uncompressed):",
         "",
