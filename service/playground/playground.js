@@ -289,11 +289,11 @@ function columns(resp) {
     { key: "tokens", label: "tokens", get: (r) => r.tokens, show: (r) => String(r.tokens) },
     { key: "truncated", label: "truncated", get: (r) => (r.truncated ? 1 : 0), show: (r) => (r.truncated ? "yes" : "no") },
   ];
-  // Optional per-item novelty (servers that compute it): shown only when the response carries it.
-  if (resp.results.some((r) => r.novelty !== undefined)) {
+  // Optional per-item novelty (servers that compute it): shown only when some item carries a value.
+  if (resp.results.some((r) => r.novelty !== undefined && r.novelty !== null)) {
     cols.push({ key: "novelty", label: "novelty", get: (r) => r.novelty, num: true });
   }
-  if (resp.results.some((r) => r.novelty_percentile !== undefined)) {
+  if (resp.results.some((r) => r.novelty_percentile !== undefined && r.novelty_percentile !== null)) {
     cols.push({ key: "novelty_percentile", label: "novelty pct", get: (r) => r.novelty_percentile, pct: true });
   }
   return cols;

@@ -322,6 +322,17 @@ def test_optional_novelty_columns_show_when_the_server_sends_them(session: drv.S
     drv.click_score(session)
     assert "novelty" not in drv.read_table(session)[0]["cells"]  # absent from the answer: no column
 
+    def null_novelty(route: Any) -> None:  # a server whose model has no novelty reference
+        data = route.fetch().json()
+        for r in data["results"]:
+            r["novelty"] = r["novelty_percentile"] = None
+        route.fulfill(json=data)
+
+    page.route("**/v1/score", null_novelty)
+    drv.click_score(session)
+    cells = drv.read_table(session)[0]["cells"]
+    assert "novelty" not in cells and "novelty_percentile" not in cells  # all null: no empty column
+
 
 def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(
     browser: Any, tiny_engine: Any, tmp_path: Path
