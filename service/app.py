@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
+from scoring.settings import Settings, build_engine
 from service.auth import ApiKeyMiddleware, api_key_dependency
 from service.batcher import forward_thread
 from service.errors import install_error_handlers
@@ -21,7 +22,6 @@ from service.metrics import Metrics, RequestMetricsMiddleware
 from service.middleware import ArrivalMiddleware, Arrivals, BodyLimitMiddleware
 from service.routes import health, models, score
 from service.runtime import ScoringService
-from service.settings import Settings, build_engine
 
 log = logging.getLogger("hydra_rm.app")
 

@@ -17,8 +17,8 @@ from service.errors import ERROR_TYPE_KEY
 from service.middleware import SCORING_PATHS
 
 if TYPE_CHECKING:
-    from service.engine import EncodedItem, ItemScore
-    from service.prefix import PrefixPlan
+    from scoring.engine import EncodedItem, ItemScore
+    from scoring.prefix import PrefixPlan
 
 # Rewards of normalised heads live around [-3, 3]; untrained heads can stray further.
 _REWARD_BUCKETS = (

@@ -17,12 +17,12 @@ from starlette.types import Receive
 
 from model_store.aggregation import Aggregation
 from model_store.uncertainty import DisagreementQuantiles, std_percentile
+from scoring.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
+from scoring.settings import Settings
 from service.batcher import Batcher
-from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.middleware import ARRIVED_KEY, Arrivals
-from service.settings import Settings
 from service.tokenizing import TokenizerLane
 
 log = logging.getLogger("hydra_rm.runtime")

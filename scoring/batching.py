@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from model_store.tokenization import EncodedItem
-    from service.engine import ItemScore
+    from scoring.engine import ItemScore
 
 log = logging.getLogger("hydra_rm.batching")
 
@@ -52,7 +52,7 @@ class BatchPolicy:
     token_budget: int = CPU_TOKEN_BUDGET
     max_batch_size: int = 64
     max_padding: float = CPU_MAX_PADDING
-    prefix_sharing: bool = True  # keep prefix groups in one batch (service/prefix.py); the engine
+    prefix_sharing: bool = True  # keep prefix groups in one batch (scoring/prefix.py); the engine
     # turns it off for models that cannot share
 
     @classmethod
@@ -87,7 +87,7 @@ class BatchPolicy:
         in one batch where the budget (prefix counted once) allows, duplicates with their original."""
         if not self.prefix_sharing:
             return self.plan([e.n_tokens for e in items])
-        from service.prefix import plan_shared_batches
+        from scoring.prefix import plan_shared_batches
 
         return plan_shared_batches(
             [e.input_ids for e in items],

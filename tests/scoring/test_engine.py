@@ -13,8 +13,8 @@ from model_store import ModelStore, ModelStoreError, RewardManifest
 from model_store.aggregation import Aggregation
 from model_store.loader import load_reward_model
 from model_store.manifest import HeadNormalization
-from service.batching import BatchPolicy
-from service.engine import EncodedItem, Item, ItemError, ScoringEngine
+from scoring.batching import BatchPolicy
+from scoring.engine import EncodedItem, Item, ItemError, ScoringEngine
 
 WORDS = "the a reward model scores each answer with several heads and we take the minimum of them".split()
 

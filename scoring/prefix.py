@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from kernels import multihead_reward
-from service.batching import plan_batches, split_by_padding
+from scoring.batching import plan_batches, split_by_padding
 
 if TYPE_CHECKING:
     from model_store.tokenization import EncodedItem
-    from service.engine import ItemScore, ScoringEngine
+    from scoring.engine import ItemScore, ScoringEngine
 
 log = logging.getLogger("hydra_rm.prefix")
 
@@ -457,6 +457,6 @@ class PrefixScorer:
 
 
 def _scores(res: Any, items: Sequence[EncodedItem]) -> list[ItemScore]:
-    from service.engine import item_scores  # one device-to-host transfer per batch, as the plain pass
+    from scoring.engine import item_scores  # one device-to-host transfer per batch, as the plain pass
 
     return item_scores(res, items)

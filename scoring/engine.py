@@ -21,8 +21,8 @@ from kernels import multihead_reward
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
-from service.batching import BatchPolicy
-from service.prefix import PrefixScorer
+from scoring.batching import BatchPolicy
+from scoring.prefix import PrefixScorer
 
 log = logging.getLogger("hydra_rm.engine")
 
@@ -151,7 +151,7 @@ class ScoringEngine:
         self.weight, self.bias = self._fold_heads()
         if self.head.kind == _resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
             self._self_check()
-        # Shared prompts encoded once, duplicates scored once (service/prefix.py); the batch plan only
+        # Shared prompts encoded once, duplicates scored once (scoring/prefix.py); the batch plan only
         # keeps prefix groups together where this model can really share.
         self.prefix = PrefixScorer(self, enabled=self.policy.prefix_sharing)
         if self.policy.prefix_sharing and not self.prefix.sharing:
@@ -214,7 +214,7 @@ class ScoringEngine:
     # -- scoring ---------------------------------------------------------------------------------
     def forward(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
         """Score one planned batch, results in batch order: shared prefixes and duplicates computed
-        once (service/prefix.py) unless HYDRA_RM_PREFIX_SHARING=off; equal to `forward_padded`."""
+        once (scoring/prefix.py) unless HYDRA_RM_PREFIX_SHARING=off; equal to `forward_padded`."""
         if self.prefix.enabled:
             return self.prefix.forward(batch)
         return self.forward_padded(batch)

@@ -1,4 +1,4 @@
-"""`hydra-rm score-ray`: the batch job of service/jobs.py with its chunks scored by a Ray Data actor pool.
+"""`hydra-rm score-ray`: the batch job of jobs/local.py with its chunks scored by a Ray Data actor pool.
 
 The local job stays in charge of everything a job promises (checkpointed progress and resume, input
 order, the errors file, refusing a foreign output); only the scoring of a chunk moves to Ray. Each
@@ -8,7 +8,7 @@ lines of a chunk, so records and error lines are byte-for-byte the local job's, 
 to the driver, which writes and checkpoints them as the local job does.
 
 The driver loads the model once too: the job's resume identity fingerprints the weights and the
-settings that change rewards (service/jobs.py), and the aggregation is checked against the heads.
+settings that change rewards (jobs/local.py), and the aggregation is checked against the heads.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import IO, Any
 
 import ray
 
-from service.jobs import JobResult, ScoreJob
-from service.settings import Settings, build_engine
+from jobs.local import JobResult, ScoreJob
+from scoring.settings import Settings, build_engine
 
 
 def chunk_index(path: Path, first_line: int, chunk_size: int) -> list[dict[str, int]]:

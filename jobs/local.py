@@ -25,8 +25,8 @@ from pydantic import ValidationError
 
 from model_store.aggregation import Aggregation, resolve_aggregation
 from model_store.uncertainty import std_percentile
-from service.batching import forward_isolating
-from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
+from scoring.batching import forward_isolating
+from scoring.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import validation_message
 from service.protocol import ScoreItem
 
