@@ -199,7 +199,7 @@ def section_job(model_dir: Path, tmp: Path, tok: Any, rounds: int, loads: set[st
         )
         n = len(texts)
         ids = [engines["off"].encode(Item(text=t)).input_ids for t in texts]
-        from scoring.prefix import plan_prefix_groups
+        from scoring.batching import plan_prefix_groups
 
         saved = plan_prefix_groups(ids).tokens_saved / sum(map(len, ids))
         ratio = _med(times["off"]) / _med(times["on"])

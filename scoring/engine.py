@@ -11,104 +11,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from kernels import multihead_reward
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
 from scoring.batching import BatchPolicy
+from scoring.heads import HeadForward, allow_tf32, resolve_head
 from scoring.prefix import PrefixScorer
+from scoring.results import ItemScore
 
 log = logging.getLogger("hydra_rm.engine")
 
 __all__ = ["EncodedItem", "Item", "ItemError", "ItemScore", "ScoringEngine"]
-
-PoolKind = Literal["last_token", "first_token", "pooler", "cls_head"]
-
-
-@dataclass
-class ItemScore:
-    rewards: list[float]
-    min: float
-    max: float
-    mean: float
-    std: float
-    tokens: int
-    truncated: bool
-
-    def summary(self) -> dict[str, Any]:
-        """The per-item fields every output format (HTTP, JSONL) reports beside the heads."""
-        return {
-            "min": self.min,
-            "max": self.max,
-            "mean": self.mean,
-            "std": self.std,
-            "tokens": self.tokens,
-            "truncated": self.truncated,
-        }
-
-
-@dataclass(frozen=True)
-class _Head:
-    kind: PoolKind
-    linear: nn.Linear
-    pre: nn.Module | None = None  # RoBERTa-style dense+tanh before the final projection
-
-
-def _resolve_head(model: nn.Module, pooling: str) -> _Head:
-    """Find the K-way linear layer and how its input is pooled, for the architectures we verify."""
-    score = getattr(model, "score", None)
-    classifier = getattr(model, "classifier", None)
-    if isinstance(score, nn.Linear):  # Llama/Qwen/Mistral/Gemma/GPT-2 style: last real token
-        if pooling == "pooler":
-            raise ModelStoreError("manifest asks for pooling=pooler but this decoder has no pooler")
-        kind: PoolKind = "last_token" if pooling in {"auto", "last_token"} else pooling  # type: ignore[assignment]
-        return _Head(kind, score)
-    if isinstance(classifier, nn.Linear):
-        base = model.base_model
-        has_pooler = getattr(base, "pooler", None) is not None or getattr(model, "pooler", None) is not None
-        if pooling in {"auto", "pooler"} and has_pooler:
-            return _Head("pooler", classifier)
-        if pooling == "pooler":
-            raise ModelStoreError("manifest asks for pooling=pooler but the model has no pooler")
-        return _Head("last_token" if pooling == "last_token" else "first_token", classifier)
-    if classifier is not None and isinstance(getattr(classifier, "out_proj", None), nn.Linear):
-        return _Head("cls_head", classifier.out_proj, pre=classifier.dense)  # RoBERTa family
-    raise ModelStoreError(
-        f"unsupported architecture {type(model).__name__}: hydra-rm needs a sequence-classification model "
-        "whose head is `score` (decoders), `classifier` (BERT/DeBERTa) or `classifier.out_proj` (RoBERTa)"
-    )
-
-
-def _allow_tf32() -> None:
-    """fp32 encoders on CUDA run their matmuls on TF32 tensor cores (10-bit mantissa products,
-    fp32 accumulation: ~1e-3 relative on logits, the tolerance the engine's self-check allows fp16/
-    bf16; an A100/H100 does ~8x the FLOP/s). Process-wide, so set only when a CUDA engine loads."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    log.info("CUDA engine: TF32 matmuls allowed for fp32 weights")
-
-
-def _to_host(res: Any) -> list[list[float]]:
-    """All outputs in one device-to-host transfer: rows of [K rewards, min, max, mean, std].
-
-    Five separate `.cpu()` calls were five synchronising copies per batch on CUDA."""
-    packed = torch.cat([res.rewards, torch.stack([res.min, res.max, res.mean, res.std], dim=1)], dim=1)
-    return packed.cpu().tolist()
-
-
-def item_scores(res: Any, batch: Sequence[EncodedItem]) -> list[ItemScore]:
-    """One ItemScore per row of a kernel result (plain and shared-prefix forwards alike)."""
-    k = res.rewards.shape[1]
-    return [
-        ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated)
-        for r, e in zip(_to_host(res), batch, strict=True)
-    ]
 
 
 class ScoringEngine:
@@ -129,7 +48,7 @@ class ScoringEngine:
         self.manifest = rm.manifest
         self.device = next(self.model.parameters()).device
         if self.device.type == "cuda":
-            _allow_tf32()
+            allow_tf32()
         # How `score` batches; the service's batcher and the JSONL job plan with this same policy.
         self.policy = policy or BatchPolicy.resolve(str(self.device))
         model_max = getattr(self.model.config, "max_position_embeddings", None)
@@ -142,14 +61,14 @@ class ScoringEngine:
         )
         self.max_length = self.items.max_length
         self.truncation_side = self.items.truncation_side
-        self.head = _resolve_head(self.model, self.manifest.pooling)
-        self.is_decoder = self.head.kind == "last_token"
-        # Encoders pool at position 0 (CLS) and use absolute positions: they must be right-padded.
-        self.padding_side = padding_side if self.is_decoder else "right"
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Pooling, folded heads, device transfer and the plain padded pass (scoring/heads.py).
+        self.heads = HeadForward(self.model, self.manifest, pad_id=pad_id, padding_side=padding_side)
+        self.head = self.heads.head
+        self.is_decoder = self.heads.is_decoder
+        self.padding_side = self.heads.padding_side
         self.has_chat_template = self.items.has_chat_template
-        self.weight, self.bias = self._fold_heads()
-        if self.head.kind == _resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
+        if self.head.kind == resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
             self._self_check()
         # Shared prompts encoded once, duplicates scored once (scoring/prefix.py); the batch plan only
         # keeps prefix groups together where this model can really share.
@@ -159,30 +78,20 @@ class ScoringEngine:
 
     # -- model facts -----------------------------------------------------------------------------
     @property
+    def name(self) -> str:
+        return self.rm.name
+
+    @property
+    def version(self) -> str:
+        return self.rm.version
+
+    @property
     def num_heads(self) -> int:
         return self.manifest.num_heads
 
     @property
     def head_names(self) -> list[str]:
         return list(self.manifest.head_names)
-
-    def _fold_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold per-head normalisation into the head weights once: (Wx + b - mu) / sigma."""
-        w = self.head.linear.weight.detach().to(torch.float32)
-        b = self.head.linear.bias
-        b = b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0], device=w.device)
-        norm = self.manifest.normalization
-        if norm is not None:
-            mean = torch.tensor(norm.mean, dtype=torch.float32, device=w.device)
-            std = torch.tensor(norm.std, dtype=torch.float32, device=w.device)
-            w = w / std[:, None]
-            b = (b - mean) / std
-        # Half-precision encoders keep half-precision head weights (exact when nothing was folded):
-        # with both kernel operands in bf16/fp16 the Triton kernel can use tensor cores.
-        model_dtype = self.head.linear.weight.dtype
-        if model_dtype in (torch.float16, torch.bfloat16):
-            w = w.to(model_dtype)
-        return w.contiguous(), b.contiguous()
 
     def _self_check(self) -> None:
         """Refuse an architecture whose head we would reproduce wrongly (e.g. DistilBERT's
@@ -221,55 +130,7 @@ class ScoringEngine:
 
     def forward_padded(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
         """One encoder pass over `batch` (padded to its longest row); results in batch order."""
-        if not batch:
-            return []
-        n, t = len(batch), max(e.n_tokens for e in batch)
-        ids = torch.full((n, t), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, t), dtype=torch.long)
-        types = torch.zeros((n, t), dtype=torch.long) if batch[0].token_type_ids is not None else None
-        for r, e in enumerate(batch):
-            sl = slice(t - e.n_tokens, t) if self.padding_side == "left" else slice(0, e.n_tokens)
-            ids[r, sl] = torch.tensor(e.input_ids)
-            mask[r, sl] = 1
-            if types is not None and e.token_type_ids is not None:
-                types[r, sl] = torch.tensor(e.token_type_ids)
-        ids, mask = self._to_device(ids), self._to_device(mask)
-        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
-        if types is not None:
-            kwargs["token_type_ids"] = self._to_device(types)
-        if self.is_decoder:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-            kwargs["use_cache"] = False
-        with torch.inference_mode():
-            out = self.model.base_model(**kwargs)
-            hidden, index = self._pool(out, mask)
-            res = multihead_reward(hidden, index, self.weight, self.bias)
-        return item_scores(res, batch)
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """Host-to-device from pinned memory, asynchronous on CUDA; pinning is skipped on CPU (where
-        there is no copy, and a CPU-only torch cannot pin)."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
-
-    def _pool(self, out: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        kind = self.head.kind
-        if kind == "pooler":
-            pooled = getattr(out, "pooler_output", None)
-            if pooled is None:  # DeBERTa keeps its pooler on the task model, not the base model
-                pooled = self.model.pooler(out.last_hidden_state)
-            return pooled, None
-        hidden = out.last_hidden_state
-        t = mask.shape[1]
-        if kind == "last_token":
-            index = (t - 1) - mask.flip(-1).argmax(-1)
-        else:
-            index = mask.argmax(-1)
-        if kind == "cls_head":
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return torch.tanh(self.head.pre(hidden[rows, index])), None
-        return hidden, index
+        return self.heads.forward_padded(batch)
 
     def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
         """Batches planned by `self.policy`; results in input order."""
@@ -299,4 +160,22 @@ class ScoringEngine:
             "truncation_side": self.truncation_side,
             "chat_template": self.has_chat_template,
             "device": str(self.device),
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The weights and the settings that change rewards (scoring/interface.py)."""
+        rm = self.rm
+        files: Any = rm.manifest.files or sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(rm.path).iterdir() if p.is_file()
+        )
+        return {
+            "name": rm.name,
+            "version": rm.version,
+            "files": files,
+            "max_length": self.max_length,
+            "truncation_side": self.truncation_side,
+            "normalization": rm.manifest.normalization.model_dump() if rm.manifest.normalization else None,
+            "dtype": str(self.heads.weight.dtype),
+            # Rows carry std_percentile: other quantiles, other rows.
+            "disagreement": rm.manifest.disagreement.model_dump() if rm.manifest.disagreement else None,
         }

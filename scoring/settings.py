@@ -194,7 +194,7 @@ class Settings(BaseSettings):
     def resolved_aggregation(self, manifest):  # noqa: ANN001, ANN201 - RewardManifest -> Aggregation
         """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA (or the CLI options that override them) over the
         manifest's defaults: `serve`, `score` and `demo` all resolve here."""
-        from model_store.aggregation import resolve_aggregation
+        from model_store.manifest import resolve_aggregation
 
         try:
             return resolve_aggregation(manifest, self.aggregation, self.uwo_lambda)

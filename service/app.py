@@ -35,7 +35,7 @@ DESCRIPTION = (
 
 
 def create_app(settings: Settings | None = None, *, engine: Any | None = None) -> FastAPI:
-    """Build the app. `engine` (a ScoringEngine or a wrapper of one) skips loading: tests, benches."""
+    """Build the app. `engine` (any `scoring.interface.Engine`) skips loading: tests, benches."""
     settings = settings or Settings()
     metrics = Metrics()
     arrivals = Arrivals()

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from scoring.batching import BatchObserver, BatchPolicy, ForwardFn, forward_isolating
-from scoring.engine import EncodedItem, ItemScore
-from scoring.prefix import WindowCost
+from model_store.tokenization import EncodedItem
+from scoring.batching import BatchObserver, BatchPolicy, ForwardFn, WindowCost, forward_isolating
+from scoring.results import ItemScore
 from service.drain import ShuttingDown
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed, ServiceError
 

@@ -16,8 +16,10 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from model_store.aggregation import Aggregation
+from model_store.tokenization import EncodedItem, Item, ItemError
 from model_store.uncertainty import DisagreementQuantiles, std_percentile
-from scoring.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
+from scoring.interface import Engine
+from scoring.results import ItemScore
 from scoring.settings import Settings
 from service.batcher import Batcher
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
@@ -46,7 +48,7 @@ class ScoringService:
     def __init__(
         self,
         settings: Settings,
-        engine: ScoringEngine,
+        engine: Engine,
         metrics: Metrics,
         arrivals: Arrivals | None = None,
         torch_thread: ThreadPoolExecutor | None = None,

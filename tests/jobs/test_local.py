@@ -82,10 +82,8 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_llama_dir: Path, tmp_path:
                 "--chunk-size", "25", "--no-progress", "--store", store]  # fmt: skip
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as this process (conftest)
-    code = "import time; import jobs.local as j; f = j.ScoreJob._score_chunk\n"
-    code += (
-        "j.ScoreJob._score_chunk = lambda *a: (time.sleep(0.01), f(*a))[1]\n"  # never done before the kill
-    )
+    code = "import time; import jobs.local as j; f = j.ScoreJob.score_chunk\n"
+    code += "j.ScoreJob.score_chunk = lambda *a: (time.sleep(0.01), f(*a))[1]\n"  # never done before the kill
     code += "from cli.main import app; app()"
     proc = subprocess.Popen([sys.executable, "-c", code, *args(out)], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -217,7 +215,7 @@ def test_restart_then_crash_then_resume_is_clean(
         raise KeyboardInterrupt
 
     job = ScoreJob(tiny_engine, src, out, chunk_size=10)
-    monkeypatch.setattr(job, "_score_chunk", crash)
+    monkeypatch.setattr(job, "score_chunk", crash)
     with pytest.raises(KeyboardInterrupt):
         job.run(restart=True, progress_bar=False)
     assert out.read_text() == ""
@@ -280,7 +278,7 @@ def test_memory_does_not_grow_with_file_size(tiny_engine: ScoringEngine, tmp_pat
     that returns one score per item; tokenizing, planning, writing and checkpointing are real."""
     import tracemalloc
 
-    from scoring.engine import ItemScore
+    from scoring.results import ItemScore
 
     def forward(batch):
         return [ItemScore([0.1, 0.2, 0.3, 0.4], 0.1, 0.4, 0.25, 0.1, e.n_tokens, e.truncated) for e in batch]

@@ -202,9 +202,9 @@ def test_right_truncation_and_reject(tiny_llama_dir: Path, tmp_path: Path) -> No
 def test_nan_in_encoder_output_is_not_hidden_by_min(tiny_engine: ScoringEngine, monkeypatch) -> None:
     """A broken row yields NaN everywhere (so callers can see it), never a finite min."""
     enc = [tiny_engine.encode(Item(text=t)) for t in ("good text", "another text")]
-    w = tiny_engine.weight.clone()
+    w = tiny_engine.heads.weight.clone()
     w[1, 0] = float("nan")
-    monkeypatch.setattr(tiny_engine, "weight", w)
+    monkeypatch.setattr(tiny_engine.heads, "weight", w)
     for s in tiny_engine.forward(enc):
         assert s.min != s.min and s.std != s.std
 

@@ -13,15 +13,9 @@ from transformers import AutoModelForSequenceClassification
 from model_store import ModelStore
 from model_store.loader import load_reward_model
 from model_store.tokenization import EncodedItem, Item
-from scoring.batching import BatchPolicy
+from scoring.batching import BatchPolicy, PrefixGroup, plan_prefix_groups, plan_shared_batches
 from scoring.engine import ScoringEngine
-from scoring.prefix import (
-    PrefixGroup,
-    PrefixScorer,
-    is_causal_decoder,
-    plan_prefix_groups,
-    plan_shared_batches,
-)
+from scoring.prefix import PrefixScorer, is_causal_decoder
 from service.batcher import Batcher
 from tests.builders import build_tiny_decoder
 
@@ -372,7 +366,7 @@ def test_setting_turns_sharing_off_and_encoders_plan_without_it(
 async def test_a_group_arriving_as_separate_requests_lands_in_one_batch() -> None:
     """16 requests sharing a 1,000-token prompt: 16k raw tokens overflow a window of 8 x 1,100, but
     the prompt counted once (1,080) fits one batch; the window must not cut the group in two."""
-    from scoring.engine import ItemScore
+    from scoring.results import ItemScore
 
     batches: list[int] = []
 

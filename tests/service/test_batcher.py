@@ -7,8 +7,9 @@ import threading
 
 import pytest
 
+from model_store.tokenization import EncodedItem
 from scoring.batching import BatchPolicy
-from scoring.engine import EncodedItem, ItemScore
+from scoring.results import ItemScore
 from service.batcher import Batcher
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed
 

@@ -121,7 +121,7 @@ def test_a_head_named_std_percentile_does_not_clobber_the_key(trained) -> None:
 
 
 def test_metric_counts_strictly_above_p95() -> None:
-    from scoring.engine import ItemScore
+    from scoring.results import ItemScore
 
     m = Metrics(["a", "b"])
     m.set_reference_p95(0.5)
