@@ -85,7 +85,7 @@ def main() -> None:
 
     import torch
 
-    from service.settings import Settings
+    from scoring.settings import Settings
     from tests.service import playground_driver as drv
     from tests.service.conftest import live_server
 

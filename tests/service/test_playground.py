@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from scoring.settings import Settings
 from service.routes.playground import PATHS
-from service.settings import Settings
 from tests.service import playground_driver as drv
 from tests.service.conftest import Live, live_server
 
@@ -356,7 +356,7 @@ def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(
         assert right.value.status == 200
         page.wait_for_selector("#score:not([disabled])")
         assert not page.locator("#key-panel").is_visible()
-        name = live.service.engine.rm.name
+        name = live.service.engine.name
         assert page.locator(f'[data-model-id="{name}"]').is_visible()
         drv.fill(s, "Say hi.", ["hi", "hello there", "go away"])
         _, status, answer = drv.click_score(s)
