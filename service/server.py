@@ -4,7 +4,8 @@ On SIGTERM uvicorn stops listening and waits for in-flight requests (up to drain
 we add: part-full batches flush at once (nobody else is coming), /readyz turns 503, and after a
 clean drain the process exits 0 instead of re-raising the signal. A drain that cannot finish in
 time answers what is left with 503 `shutting_down` and exits EXIT_DRAIN_CUT_SHORT (service/drain.py).
-HTTP requests the parser rejects get the documented error body (service/http_errors.py).
+HTTP requests the parser rejects get the documented error body (service/http_errors.py); request
+heads have a deadline and connections a limit that answer in that shape too (service/connections.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import uvicorn
 
+from service.connections import guarded_protocol
 from service.drain import EXIT_DRAIN_CUT_SHORT, DrainGuard, cut_margin_s
 from service.http_errors import shaped_protocol
 from service.settings import Settings
@@ -48,7 +50,23 @@ class HydraServer(uvicorn.Server):
             retry = getattr(settings, "retry_after_s", 1)
             self.guard = DrainGuard(self.config.loaded_app, lambda: self.should_exit, retry)
             self.config.loaded_app = self.guard
+            self._guard_connections(settings)
         await super().startup(sockets)
+
+    def _guard_connections(self, settings: Settings | None) -> None:
+        """Head timeout and connection slots on every connection (service/connections.py)."""
+        settings = settings if isinstance(settings, Settings) else Settings()
+        metrics = _find_state(self.config.loaded_app, "metrics")
+
+        def count(reason: str) -> None:
+            if metrics is not None:
+                metrics.rejected.labels(reason=reason).inc()
+
+        self.config.http_protocol_class = guarded_protocol(
+            self.config.http_protocol_class,
+            head_timeout_s=settings.head_timeout_s,
+            count=count,
+        )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         service = _find_service(self.config.loaded_app)

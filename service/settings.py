@@ -135,6 +135,14 @@ class Settings(BaseSettings):
         description="Longest a client may take to send a request body, from arrival; past it the request "
         "gets 408 and the connection is closed (a trickling upload cannot hold a connection forever).",
     )
+    head_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Longest a client may take to send a request head (request line and headers), from "
+        "connecting or from the first byte of a later request on a kept-alive connection; past it the "
+        "client gets 408 and the connection is closed (an idle or header-trickling socket cannot hold a "
+        "connection forever; uvicorn has no such timeout).",
+    )
     max_connections: int = Field(
         default=8192,
         ge=1,
