@@ -65,6 +65,8 @@ class HydraServer(uvicorn.Server):
         self.config.http_protocol_class = guarded_protocol(
             self.config.http_protocol_class,
             head_timeout_s=settings.head_timeout_s,
+            max_connections=self.config.limit_concurrency,
+            retry_after_s=settings.retry_after_s,
             count=count,
         )
 

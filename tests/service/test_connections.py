@@ -10,11 +10,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import pytest
 
 from service.settings import Settings
 from tests.service.conftest import live_server, wait_until
-from tests.service.test_slow_clients import _read_all
+from tests.service.test_slow_clients import _read_all, slow_bodies
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -90,6 +91,46 @@ def test_a_kept_alive_connection_times_each_head_from_its_first_byte(tiny_engine
         assert _response(s)[0] == 200
 
 
+def test_idle_sockets_hold_no_connection_slot(tiny_engine) -> None:
+    settings = Settings(max_connections=5, head_timeout_s=30.0)
+    with live_server(settings, tiny_engine) as live, sockets(live.url, 5):
+        wait_until(lambda: len(live.server.server_state.connections) == 5, what="5 idle connections")
+        for _ in range(3):
+            r = httpx.post(f"{live.url}/get_reward", json={"query": ["legitimate"]}, timeout=10)
+            assert r.status_code == 200, r.text
+
+
+def test_a_flood_past_the_limit_serves_up_to_it_and_refuses_the_rest_in_json(tiny_engine) -> None:
+    settings = Settings(max_connections=10, retry_after_s=3)
+    with live_server(settings, tiny_engine) as live, sockets(live.url, 25) as socks:
+        wait_until(lambda: len(live.server.server_state.connections) == 25, what="25 connections")
+        answers = []
+        for s in socks:  # every socket is open before any sends: the first 10 heads take the slots
+            s.sendall(REQUEST)
+            answers.append(_response(s))
+        assert [a[0] for a in answers] == [200] * 10 + [503] * 15
+        for _status, headers, body in answers[10:]:
+            assert headers["content-type"] == "application/json" and headers["retry-after"] == "3"
+            assert headers["connection"] == "close"
+            assert json.loads(body)["error"]["type"] == "overloaded"
+        for s in socks[:10]:  # a served connection keeps its slot for its next request
+            s.sendall(REQUEST)
+            assert _response(s)[0] == 200
+
+
+def test_a_slot_is_freed_when_its_connection_closes(tiny_engine) -> None:
+    settings = Settings(max_connections=4)
+    with live_server(settings, tiny_engine) as live:
+        with slow_bodies(live.url, 4):  # heads complete, bodies stalled: 4 slots held
+            wait_until(lambda: len(live.server.server_state.connections) == 4, what="4 slow connections")
+            refused = httpx.post(f"{live.url}/get_reward", json={"query": ["one too many"]}, timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded"
+            assert refused.headers["retry-after"] == "1"
+        wait_until(lambda: len(live.server.server_state.connections) == 0, what="the slow sockets to close")
+        r = httpx.post(f"{live.url}/get_reward", json={"query": ["room again"]}, timeout=10)
+        assert r.status_code == 200
+
+
 @pytest.mark.parametrize("http", ["h11", "httptools"])
 def test_both_http_implementations_are_guarded(tiny_engine, http: str) -> None:
     import threading
@@ -103,7 +144,7 @@ def test_both_http_implementations_are_guarded(tiny_engine, http: str) -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = HydraServer(uvicorn.Config(app, log_level="critical", http=http))
+    srv = HydraServer(uvicorn.Config(app, log_level="critical", http=http, limit_concurrency=1))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_until(lambda: srv.started, what="server start")
@@ -112,6 +153,10 @@ def test_both_http_implementations_are_guarded(tiny_engine, http: str) -> None:
             served.sendall(REQUEST)
             assert _response(served)[0] == 200
             assert _timed_out(_read_all(idle, timeout=5.0))["field"] == "headers"
+            with sockets(f"http://127.0.0.1:{port}", 1) as [late]:
+                late.sendall(REQUEST)
+                status, headers, body = _response(late)
+                assert status == 503 and json.loads(body)["error"]["type"] == "overloaded"
     finally:
         srv.should_exit = True
         thread.join(30)
