@@ -1,4 +1,4 @@
-"""Running the app under uvicorn, with a SIGTERM that drains instead of dropping work.
+"""Running the app under uvicorn, with a SIGTERM (or SIGHUP) that drains instead of dropping work.
 
 On SIGTERM uvicorn stops listening and waits for in-flight requests (up to drain_timeout_s);
 we add: part-full batches flush at once (nobody else is coming), /readyz turns 503, and after a
@@ -11,11 +11,14 @@ heads have a deadline and connections a limit that answer in that shape too (ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Generator
 from types import FrameType
 from typing import Any
 
@@ -28,6 +31,10 @@ from service.settings import Settings
 
 log = logging.getLogger("hydra_rm.server")
 
+# Signals that drain. uvicorn handles SIGINT and SIGTERM; SIGHUP (a closed terminal, a supervisor's
+# "reload") kept its default action and killed the process with requests in flight (exit 129).
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
 
 class HydraServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
@@ -36,6 +43,20 @@ class HydraServer(uvicorn.Server):
         super().__init__(config)
         self.guard: DrainGuard | None = None
         self.drain_cut_short = False  # some accepted request was answered 503 instead of scored
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """uvicorn's signal capture, plus SIGHUP, which drains as SIGTERM does."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -89,10 +110,10 @@ class HydraServer(uvicorn.Server):
                 self.guard.cut_short,
             )
         if not self.force_exit:
-            # We honoured SIGTERM by draining; uvicorn would re-raise it at exit (status -15).
+            # We honoured SIGTERM (or SIGHUP) by draining; uvicorn would re-raise it at exit (status -15).
             captured = getattr(self, "_captured_signals", None)
             if isinstance(captured, list):
-                captured[:] = [s for s in captured if s != signal.SIGTERM]
+                captured[:] = [s for s in captured if s not in DRAIN_SIGNALS]
 
     async def _cut_drain_after(self, service: Any, delay: float) -> None:
         """Shortly before uvicorn's deadline, fail what is still queued with 503 shutting_down, so
