@@ -171,6 +171,7 @@ def load_reward_model(
             "(encoder and heads) with save_pretrained"
         )
     check_finite_weights(model, path)
+    check_vocabulary(model, tokenizer, path)
     k = int(model.config.num_labels)
     if manifest is None:
         manifest = RewardManifest.default_for(k, max_length=default_max_length(model.config, tokenizer))
@@ -205,6 +206,22 @@ def check_finite_weights(model: Any, path: Path) -> None:
         raise ModelStoreError(
             f"{path}: weights contain NaN or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
             "the checkpoint is corrupted"
+        )
+
+
+def check_vocabulary(model: Any, tokenizer: Any, path: Path) -> None:
+    """Every id the tokenizer can produce must have an embedding row; otherwise the first item that
+    uses one fails with `IndexError: index out of range in self` (on CUDA: a device-side assert that
+    poisons the process). A tokenizer from another model, or an embedding cut short, shows here. An
+    embedding larger than the vocabulary is normal (rows padded to a multiple of 64 or 128)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    size = len(tokenizer)
+    if isinstance(rows, int) and size > rows:
+        raise ModelStoreError(
+            f"{path}: the tokenizer has {size} tokens (ids up to {size - 1}) but the model's input "
+            f"embedding has {rows} rows: ids past it cannot be embedded (a tokenizer from another "
+            "model, or an embedding cut short?)"
         )
 
 
