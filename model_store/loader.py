@@ -170,6 +170,13 @@ def load_reward_model(
             "be initialised at random on every load. Save the whole sequence-classification model "
             "(encoder and heads) with save_pretrained"
         )
+    unused = sorted(str(k) for k in loading.get("unexpected_keys", ()))
+    if unused:  # transformers drops these silently: the model served would not be the one saved
+        raise ModelStoreError(
+            f"{path} has weights not used by its config ({', '.join(unused[:5])}"
+            f"{f', ... {len(unused)} in all' if len(unused) > 5 else ''}): config.json does not describe "
+            "these weights (a layer count or a size changed?)"
+        )
     check_finite_weights(model, path)
     check_vocabulary(model, tokenizer, path)
     k = int(model.config.num_labels)

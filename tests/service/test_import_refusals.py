@@ -3,13 +3,17 @@ serve time, and a K-label checkpoint without a manifest resolved the same way by
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from model_store import ModelStore, ModelStoreError
 from model_store.loader import load_reward_model
+from model_store.manifest import MANIFEST_NAME
 from tests.service.test_import_check import _import, _store_is_empty
 
 
@@ -46,3 +50,27 @@ def test_tokenizer_ids_past_the_embedding_are_refused_naming_the_cause(
     assert _store_is_empty(root)
     with pytest.raises(ModelStoreError, match="embedding has"):  # serve refuses it the same way
         load_reward_model(str(plain_copy), ModelStore(tmp_path / "other"))
+
+
+def test_weights_the_config_does_not_use_are_refused(plain_copy: Path, tmp_path: Path) -> None:
+    """config.json says 1 layer while the weights hold 2: the second layer was silently dropped and
+    rewards moved by up to 3.9, with sign flips."""
+    config = json.loads((plain_copy / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
+    config["num_hidden_layers"] = 1
+    (plain_copy / "config.json").write_text(json.dumps(config))
+    (plain_copy / MANIFEST_NAME).unlink(missing_ok=False)  # no checksums either
+    root = tmp_path / "store"
+    cause = _one_line_refusal(*_import(plain_copy, root))
+    assert "not used by its config" in cause and "model.layers.1." in cause
+    assert _store_is_empty(root)
+    with pytest.raises(ModelStoreError, match="not used by its config"):
+        load_reward_model(str(plain_copy), ModelStore(tmp_path / "other"))
+
+
+def test_an_extra_tensor_is_refused(plain_copy: Path, tmp_path: Path) -> None:
+    weights = load_file(plain_copy / "model.safetensors")
+    weights["surplus.weight"] = torch.zeros(3)
+    save_file(weights, plain_copy / "model.safetensors", metadata={"format": "pt"})
+    cause = _one_line_refusal(*_import(plain_copy, tmp_path / "store"))
+    assert "surplus.weight" in cause
