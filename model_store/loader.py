@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from model_store.errors import ChecksumMismatch, ModelNotFound, ModelStoreError, UnsafeModel
-from model_store.manifest import MANIFEST_NAME, RewardManifest
+from model_store.manifest import MANIFEST_NAME, RewardManifest, resolve_manifest
 from model_store.store import ModelStore, check_weights_safe, verify_checksums
 
 log = logging.getLogger(__name__)
@@ -180,12 +180,8 @@ def load_reward_model(
     check_finite_weights(model, path)
     check_vocabulary(model, tokenizer, path)
     k = int(model.config.num_labels)
-    if manifest is None:
-        manifest = RewardManifest.default_for(k, max_length=default_max_length(model.config, tokenizer))
-    elif manifest.num_heads != k:
-        raise ModelStoreError(
-            f"manifest says {manifest.num_heads} heads but the checkpoint has num_labels={k}"
-        )
+    defaults = {} if manifest is not None else {"max_length": default_max_length(model.config, tokenizer)}
+    manifest = resolve_manifest(manifest, k, **defaults)
     model.to(device)
     model.eval()
     attn = str(getattr(model.config, "_attn_implementation", None) or "eager")

@@ -74,3 +74,41 @@ def test_an_extra_tensor_is_refused(plain_copy: Path, tmp_path: Path) -> None:
     save_file(weights, plain_copy / "model.safetensors", metadata={"format": "pt"})
     cause = _one_line_refusal(*_import(plain_copy, tmp_path / "store"))
     assert "surplus.weight" in cause
+
+
+def test_a_two_label_checkpoint_without_a_manifest_imports_and_serves_as_k_2(tmp_path: Path) -> None:
+    """`num_labels=2` is transformers' default, so config.json does not record it: import took the
+    missing key for K=1 and refused ("manifest says 1 heads but the checkpoint has num_labels=2")
+    while `serve --model DIR` inferred K=2."""
+    from tests.builders import build_tiny_decoder
+
+    src = build_tiny_decoder(tmp_path / "two", k=2)
+    (src / MANIFEST_NAME).unlink()
+    config = json.loads((src / "config.json").read_text())
+    config.pop("num_labels", None)
+    config.pop("id2label", None)  # what transformers writes (or older versions wrote) for the default 2
+    config.pop("label2id", None)
+    (src / "config.json").write_text(json.dumps(config))
+    root = tmp_path / "store"
+    code, out = _import(src, root)
+    assert code == 0, out
+    store = ModelStore(root)
+    served = load_reward_model(str(src), store).manifest
+    imported = load_reward_model("rm", store).manifest
+    assert imported.num_heads == served.num_heads == 2
+    assert imported.head_names == served.head_names
+    assert imported.max_length == served.max_length
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [{}, {"num_labels": 5}, {"id2label": {"0": "a", "1": "b", "2": "c"}}, {"num_labels": 1}],
+    ids=["absent", "num_labels", "id2label", "one"],
+)
+def test_the_store_reads_k_from_config_json_as_transformers_does(tmp_path: Path, labels: dict) -> None:
+    from transformers import AutoConfig
+
+    from model_store.manifest import config_num_labels
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **labels}))
+    assert config_num_labels(tmp_path) == AutoConfig.from_pretrained(tmp_path).num_labels
