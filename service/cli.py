@@ -186,10 +186,11 @@ def score(
     """Score a JSONL file; interrupted runs resume where they stopped, without duplicates."""
     _quiet_hf()
     from model_store import ModelStoreError
-    from service.jobs import JobError, ScoreJob
+    from service.jobs import JobError, ScoreJob, check_paths, default_errors_path, os_error
     from service.settings import build_engine
 
     try:
+        check_paths(input, output, errors or default_errors_path(output))
         # CLI options override HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA, as `serve` honours them too.
         settings = _settings(model=model, store_root=store, aggregation=aggregation, uwo_lambda=uwo_lambda)
         engine = build_engine(settings)
@@ -198,6 +199,8 @@ def score(
         result = job.run(restart=restart, progress_bar=progress)
     except (JobError, ModelStoreError, ValueError) as e:
         raise _fail(str(e)) from e
+    except OSError as e:  # e.g. the disk filled up mid-run: one line, not a traceback
+        raise _fail(str(os_error(e))) from e
     if result.skipped == result.lines and result.scored == 0 and result.errors == 0:
         typer.echo(f"{output} is already complete ({result.lines} lines); use --restart to score again")
         return
