@@ -42,15 +42,17 @@ def resolve_source(
 ) -> tuple[Path, str, str, bool]:
     """Map a model spec to (directory, name, version, from_store).
 
-    Order: the default; a bare store name (`name` or `name:version`, before any same-named local
+    Order: the default (by name too: published on first use); a bare store name (`name` or `name:version`, before any same-named local
     directory, so a stray folder in the working directory cannot shadow a verified model); a local
     directory; a hub id `org/name` (optionally `@revision`).
     """
-    if spec is None or spec in {"", "default"}:
-        from model_store.default_model import ensure_default_model
+    from model_store.default_model import DEFAULT_NAME, DEFAULT_VERSION, ensure_default_model
 
+    if spec is None or spec in {"", "default"}:
         ref = ensure_default_model(store)
         return ref.path, ref.name, ref.version, True
+    if spec in {DEFAULT_NAME, f"{DEFAULT_NAME}:{DEFAULT_VERSION}"} and not store.contains(spec):
+        ensure_default_model(store)  # naming the default is a use too (`train --base hydra-default`)
     if "/" not in spec and not spec.startswith((".", "~")) and store.contains(spec):
         ref = store.resolve(spec)
         return ref.path, ref.name, ref.version, True
