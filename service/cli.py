@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -335,16 +336,33 @@ def serve_ray(
         port=port,
         blocking=False,
     )
-    typer.echo(f"hydra-rm on Ray Serve: {url} ({replicas} replicas); Ctrl-C to stop")
+    typer.echo(f"hydra-rm on Ray Serve: {url} ({replicas} replicas); Ctrl-C, SIGTERM or SIGHUP stops it")
+    from ray import serve
+
+    block_until_stopped(serve.shutdown)
+
+
+def block_until_stopped(shutdown: Callable[[], None]) -> None:
+    """Block until Ctrl-C, SIGTERM or SIGHUP, then run `shutdown` (for serve-ray: `serve.shutdown()`,
+    which drains the replicas up to HYDRA_RM_DRAIN_TIMEOUT_S). Without the handlers SIGTERM ended the
+    process and left the Serve application running on the cluster, holding its CPUs."""
+    import signal
     import time
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        for sig in previous:  # a second signal must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
+        shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # Training, evaluation and experiments live in training/ (torch training stack, accelerate, peft):
