@@ -23,7 +23,7 @@ def test_the_default_by_name_is_published_on_first_use(tmp_path: Path, spec: str
 
 
 def test_train_with_base_hydra_default_on_a_fresh_store(tmp_path: Path) -> None:
-    from service.cli import app
+    from cli.main import app
     from training.data import write_pairs
     from training.toydata import preference_rows
 

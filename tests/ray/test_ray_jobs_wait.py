@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli.main import app
 from tests.ray.conftest import time_limit
 
 pytest.importorskip("ray.data")
@@ -24,7 +24,7 @@ def _input(tmp_path: Path, n: int) -> Path:
 
 
 def test_chunks_are_sized_from_the_file_and_the_actors() -> None:
-    from service.ray_jobs import auto_chunk_size
+    from jobs.ray_job import auto_chunk_size
 
     assert auto_chunk_size(200, actors=2) == 25  # 8 tasks: 4 per actor, not one task of 200
     assert auto_chunk_size(3, actors=4) == 1

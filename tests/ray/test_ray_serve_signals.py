@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = """
 import sys, time
-from service.cli import block_until_stopped
+from cli.main import block_until_stopped
 def shutdown():
     time.sleep(0.2)  # a drain takes a while: the process must wait for it
     print("serve.shutdown ran", flush=True)

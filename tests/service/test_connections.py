@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.service.conftest import live_server, wait_until
 from tests.service.test_slow_clients import _read_all, slow_bodies
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli.main import app
 from training.data import write_pairs
 from training.overopt import proxy_base, proxy_tokenizer
 from training.toydata import preference_rows

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli.main import app
 
 
 def _score(tiny_llama_dir: Path, tmp_path: Path, input_: Path, output: Path) -> tuple[int, str]:

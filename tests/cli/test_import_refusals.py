@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from model_store import ModelStore, ModelStoreError
 from model_store.loader import load_reward_model
 from model_store.manifest import MANIFEST_NAME
-from tests.service.test_import_check import _import, _store_is_empty
+from tests.cli.test_import_check import _import, _store_is_empty
 
 
 @pytest.fixture()
