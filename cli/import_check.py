@@ -95,6 +95,8 @@ def check_importable(
         )
     except ModelStoreError as e:
         raise ImportRefused(f"the serve-time self-check failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any failure here would be a failure at serve time: one line
+        raise ImportRefused(f"the serve-time self-check failed: {type(e).__name__}: {e}") from e
     encoded = []
     for probe in PROBES:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -185,11 +186,12 @@ def score(
 ) -> None:
     """Score a JSONL file; interrupted runs resume where they stopped, without duplicates."""
     _quiet_hf()
-    from jobs.local import JobError, ScoreJob
+    from jobs.local import JobError, ScoreJob, check_paths, default_errors_path, os_error
     from model_store import ModelStoreError
     from scoring.settings import build_engine
 
     try:
+        check_paths(input, output, errors or default_errors_path(output))
         # CLI options override HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA, as `serve` honours them too.
         settings = _settings(model=model, store_root=store, aggregation=aggregation, uwo_lambda=uwo_lambda)
         engine = build_engine(settings)
@@ -198,6 +200,8 @@ def score(
         result = job.run(restart=restart, progress_bar=progress)
     except (JobError, ModelStoreError, ValueError) as e:
         raise _fail(str(e)) from e
+    except OSError as e:  # e.g. the disk filled up mid-run: one line, not a traceback
+        raise _fail(str(os_error(e))) from e
     if result.skipped == result.lines and result.scored == 0 and result.errors == 0:
         typer.echo(f"{output} is already complete ({result.lines} lines); use --restart to score again")
         return
@@ -240,7 +244,10 @@ def main() -> None:  # pragma: no cover - console entry point
 
 
 # -- Ray (service/ray_serve.py, jobs/ray_job.py); `pip install ray[serve,data]` --------------------
-def _ray_init(address: str | None) -> None:
+def _ray_init(address: str | None, host: str | None = None, dashboard_port: int | None = None) -> None:
+    """Join `address`, or start a local cluster bound to `host` (Ray's own default: the machine's
+    address) with its dashboard on `dashboard_port`. Ray's other ports are pinned by starting the
+    cluster with `ray start --head --port ... --node-ip-address ...` and passing --address (README)."""
     import os
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -248,12 +255,24 @@ def _ray_init(address: str | None) -> None:
         import ray
     except ImportError as e:
         raise _fail("Ray is not installed: pip install 'ray[serve,data]'") from e
-    ray.init(address=address, ignore_reinit_error=True)
+    kwargs: dict[str, object] = {}
+    if host:
+        kwargs.update(_node_ip_address=host, dashboard_host=host)
+    if dashboard_port is not None:
+        kwargs.update(include_dashboard=True, dashboard_port=dashboard_port)
+    ray.init(address=address, ignore_reinit_error=True, **kwargs)
 
 
 RayAddressOpt = Annotated[
     str | None,
     typer.Option("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a new local one)."),
+]
+RayHostOpt = Annotated[
+    str | None,
+    typer.Option("--ray-host", help="Address a new local Ray cluster binds to (and its dashboard)."),
+]
+DashboardPortOpt = Annotated[
+    int | None, typer.Option(help="Dashboard port of a new local Ray cluster (default: none started).")
 ]
 NumGpusOpt = Annotated[
     float | None, typer.Option(help="GPUs per replica/actor (default: 1 when the cluster has GPUs, else 0).")
@@ -270,11 +289,24 @@ def score_ray(
     ] = None,
     aggregation: Annotated[str | None, typer.Option(help="min, mean, max, uwo or head:<i>.")] = None,
     uwo_lambda: Annotated[float | None, typer.Option(help="lambda for uwo.")] = None,
-    chunk_size: Annotated[int, typer.Option(min=1, help="Lines per checkpoint and per Ray task.")] = 512,
+    chunk_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Lines per checkpoint and per Ray task (default: the file over 4 tasks per actor, "
+            "at most 512).",
+        ),
+    ] = None,
     actors: Annotated[int, typer.Option(min=1, help="Engines in the Ray Data actor pool.")] = 2,
     num_cpus: Annotated[float, typer.Option(help="CPUs per actor.")] = 1.0,
     num_gpus: NumGpusOpt = None,
+    wait_s: Annotated[
+        float,
+        typer.Option(min=0.0, help="Longest to wait for the cluster to free the actors' CPUs/GPUs."),
+    ] = 120.0,
     address: RayAddressOpt = None,
+    ray_host: RayHostOpt = None,
+    dashboard_port: DashboardPortOpt = None,
     restart: Annotated[bool, typer.Option(help="Ignore earlier progress and overwrite the output.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with items/s.")] = True,
     store: StoreOpt = None,
@@ -284,7 +316,7 @@ def score_ray(
     from jobs.local import JobError
     from model_store import ModelStoreError
 
-    _ray_init(address)
+    _ray_init(address, ray_host, dashboard_port)
     from jobs.ray_job import RayScoreJob
 
     try:
@@ -297,6 +329,7 @@ def score_ray(
             actors=actors,
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            wait_s=wait_s,
         )
         result = job.run(restart=restart, progress_bar=progress)
     except (JobError, ModelStoreError, ValueError) as e:
@@ -316,11 +349,13 @@ def serve_ray(
     num_cpus: Annotated[float, typer.Option(help="CPUs per replica.")] = 1.0,
     num_gpus: NumGpusOpt = None,
     address: RayAddressOpt = None,
+    ray_host: RayHostOpt = None,
+    dashboard_port: DashboardPortOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Serve the same HTTP API from N Ray Serve replicas (blocks until interrupted)."""
     _quiet_hf()
-    _ray_init(address)
+    _ray_init(address, ray_host, dashboard_port)
     from service import ray_serve
 
     url = ray_serve.run(
@@ -332,16 +367,33 @@ def serve_ray(
         port=port,
         blocking=False,
     )
-    typer.echo(f"hydra-rm on Ray Serve: {url} ({replicas} replicas); Ctrl-C to stop")
+    typer.echo(f"hydra-rm on Ray Serve: {url} ({replicas} replicas); Ctrl-C, SIGTERM or SIGHUP stops it")
+    from ray import serve
+
+    block_until_stopped(serve.shutdown)
+
+
+def block_until_stopped(shutdown: Callable[[], None]) -> None:
+    """Block until Ctrl-C, SIGTERM or SIGHUP, then run `shutdown` (for serve-ray: `serve.shutdown()`,
+    which drains the replicas up to HYDRA_RM_DRAIN_TIMEOUT_S). Without the handlers SIGTERM ended the
+    process and left the Serve application running on the cluster, holding its CPUs."""
+    import signal
     import time
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
-        serve.shutdown()
+        for sig in previous:  # a second signal must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
+        shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # Training, evaluation and experiments live in training/ (torch training stack, accelerate, peft):

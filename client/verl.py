@@ -66,9 +66,17 @@ def to_result(score: Score, head_names: Sequence[str]) -> dict[str, float]:
         "reward_mean": score.mean,
         "reward_std": score.std,
     }
-    for name in head_names:
-        out[f"head_{name}"] = score.heads[name]
+    for name, key in zip(head_names, head_keys(head_names), strict=True):
+        out[key] = score.heads[name]
     return out
+
+
+def head_keys(head_names: Sequence[str]) -> list[str]:
+    """veRL keys for the heads: `head_<name>`, or the name itself when it already starts with `head_`
+    (a model without head names has `head_0..`, which became `head_head_0`), unless that would make
+    two keys equal (`x` and `head_x`): then every head keeps the prefix."""
+    keys = [n if n.startswith("head_") else f"head_{n}" for n in head_names]
+    return keys if len(set(keys)) == len(keys) else [f"head_{n}" for n in head_names]
 
 
 def _results(scores: ScoreList) -> list[dict[str, float]]:

@@ -59,6 +59,30 @@ def default_errors_path(output: Path) -> Path:
     return output.with_name(output.stem + ".errors.jsonl")
 
 
+def check_paths(input_path: Path, *outputs: Path) -> None:
+    """JobError, one line naming the path, when the input cannot be read or an output cannot be
+    written: checked before the model loads, so a typo costs no load and prints no traceback."""
+    if input_path.is_dir():
+        raise JobError(f"input {input_path} is a directory, not a JSONL file")
+    if not input_path.is_file():
+        raise JobError(f"input file {input_path} does not exist")
+    if not os.access(input_path, os.R_OK):
+        raise JobError(f"cannot read input {input_path}: permission denied")
+    for path in outputs:
+        if path.is_dir():
+            raise JobError(f"output {path} is a directory, not a file")
+        if not path.parent.is_dir():
+            raise JobError(f"cannot write {path}: its directory {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise JobError(f"cannot write {path}: permission denied")
+
+
+def os_error(e: OSError) -> JobError:
+    """An OSError while writing the job's files (a read-only /proc, a full disk) as one line."""
+    where = f" {e.filename}" if e.filename else ""
+    return JobError(f"cannot write{where}: {e.strerror or e}")
+
+
 def _fingerprint(path: Path) -> dict[str, Any]:
     st = path.stat()
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -198,9 +222,11 @@ class ScoreJob:
         os.replace(tmp, self.progress)
 
     def run(self, *, restart: bool = False, progress_bar: bool = True) -> JobResult:
-        if not self.input.is_file():
-            raise JobError(f"input file {self.input} does not exist")
-        state = self._load_state(restart)
+        check_paths(self.input, self.output, self.errors, self.progress)
+        try:
+            state = self._load_state(restart)
+        except OSError as e:
+            raise os_error(e) from e
         total = _count_lines(self.input)
         if state["complete"]:
             return JobResult(total, 0, 0, state["lines_done"])

@@ -15,14 +15,60 @@ settings that change rewards (jobs/local.py), and the aggregation is checked aga
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import ray
 
-from jobs.local import JobResult, ScoreJob
+from jobs.local import JobError, JobResult, ScoreJob, _count_lines
 from scoring.settings import Settings, build_engine
+
+# A chunk is one Ray task and one checkpoint: at most this many lines, so that progress is saved often.
+MAX_CHUNK_LINES = 512
+CHUNKS_PER_ACTOR = 4  # enough tasks that every actor stays busy while the driver writes in order
+
+
+def auto_chunk_size(lines: int, actors: int) -> int:
+    """Lines per chunk when none is given: the file spread over CHUNKS_PER_ACTOR tasks per actor, capped
+    at MAX_CHUNK_LINES (a fixed 512 made a 200-line file one task for one of the actors)."""
+    return max(1, min(MAX_CHUNK_LINES, math.ceil(lines / (CHUNKS_PER_ACTOR * max(1, actors)))))
+
+
+def wait_for_resources(
+    actors: int, num_cpus: float, num_gpus: float, wait_s: float, say: Callable[[str], None] | None = None
+) -> None:
+    """Ray Data waits silently ("pending: 2 CPU") for an actor pool the cluster cannot place. Say why we
+    wait (what is free of what), and give up with JobError after `wait_s` seconds."""
+    need = {"CPU": actors * num_cpus, "GPU": actors * num_gpus}
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        free, total = ray.available_resources(), ray.cluster_resources()
+        short = {k: v for k, v in need.items() if v > 0 and free.get(k, 0.0) + 1e-9 < v}
+        if not short:
+            return
+        what = ", ".join(
+            f"{v:g} {k} ({actors} actors x {v / actors:g}): {free.get(k, 0.0):g} of {total.get(k, 0.0):g} {k} free"
+            for k, v in short.items()
+        )
+        if time.monotonic() >= deadline:
+            raise JobError(
+                f"gave up after {wait_s:g} s waiting for {what}; something else on the cluster holds them "
+                "(a Serve app? see `ray status`): stop it, or use fewer --actors / --num-cpus"
+            )
+        if not said:
+            (say or _stderr)(f"waiting for {what} (a Serve app or another job holds the rest; `ray status` shows which); "
+                f"giving up after {wait_s:g} s (--wait-s)")  # fmt: skip
+            said = True
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def chunk_index(path: Path, first_line: int, chunk_size: int) -> list[dict[str, int]]:
@@ -90,8 +136,10 @@ class RayChunks:
         actors: int,
         num_cpus: float,
         num_gpus: float | None,
+        wait_s: float = 120.0,
     ) -> None:
         self.settings = settings
+        self.wait_s = wait_s
         self.job_args = job_args
         self.input = Path(job_args["input_path"])
         self.chunk_size = chunk_size
@@ -115,6 +163,7 @@ class RayChunks:
         num_gpus = self.num_gpus
         if num_gpus is None:
             num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
+        wait_for_resources(self.actors, self.num_cpus, num_gpus, self.wait_s)
         index = chunk_index(self.input, first_line, self.chunk_size)
         ds = ray.data.from_items(index, override_num_blocks=max(1, min(len(index), 4 * self.actors)))
         scored = ds.map_batches(
@@ -158,10 +207,14 @@ class RayScoreJob:
         actors: int = 2,
         num_cpus: float = 1.0,
         num_gpus: float | None = None,
+        wait_s: float = 120.0,
         **job_kwargs: Any,
     ) -> None:
         """`job_kwargs` (aggregation, chunk_size, ...) are ScoreJob's own, passed as they are to the
         driver's job and to every actor's, so the two always agree on what a record is."""
+        if job_kwargs.get("chunk_size") is None:
+            lines = _count_lines(Path(input_path)) if Path(input_path).is_file() else 0
+            job_kwargs["chunk_size"] = auto_chunk_size(lines, actors)
         engine = build_engine(settings)
         # Resolved once here (settings over the manifest, as `score` does) and shipped to every actor.
         job_kwargs.setdefault("aggregation", settings.resolved_aggregation(engine.manifest))
@@ -180,6 +233,7 @@ class RayScoreJob:
             actors=actors,
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            wait_s=wait_s,
         )
         self.job.chunk_scorer = self.chunks
 

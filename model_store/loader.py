@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from model_store.errors import ChecksumMismatch, ModelNotFound, ModelStoreError, UnsafeModel
-from model_store.manifest import MANIFEST_NAME, RewardManifest
+from model_store.manifest import MANIFEST_NAME, RewardManifest, resolve_manifest
 from model_store.store import ModelStore, check_weights_safe, verify_checksums
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,17 @@ def resolve_source(
 ) -> tuple[Path, str, str, bool]:
     """Map a model spec to (directory, name, version, from_store).
 
-    Order: the default; a bare store name (`name` or `name:version`, before any same-named local
+    Order: the default (by name too: published on first use); a bare store name (`name` or `name:version`, before any same-named local
     directory, so a stray folder in the working directory cannot shadow a verified model); a local
     directory; a hub id `org/name` (optionally `@revision`).
     """
-    if spec is None or spec in {"", "default"}:
-        from model_store.default_model import ensure_default_model
+    from model_store.default_model import DEFAULT_NAME, DEFAULT_VERSION, ensure_default_model
 
+    if spec is None or spec in {"", "default"}:
         ref = ensure_default_model(store)
         return ref.path, ref.name, ref.version, True
+    if spec in {DEFAULT_NAME, f"{DEFAULT_NAME}:{DEFAULT_VERSION}"} and not store.contains(spec):
+        ensure_default_model(store)  # naming the default is a use too (`train --base hydra-default`)
     if "/" not in spec and not spec.startswith((".", "~")) and store.contains(spec):
         ref = store.resolve(spec)
         return ref.path, ref.name, ref.version, True
@@ -170,14 +172,18 @@ def load_reward_model(
             "be initialised at random on every load. Save the whole sequence-classification model "
             "(encoder and heads) with save_pretrained"
         )
-    check_finite_weights(model, path)
-    k = int(model.config.num_labels)
-    if manifest is None:
-        manifest = RewardManifest.default_for(k, max_length=default_max_length(model.config, tokenizer))
-    elif manifest.num_heads != k:
+    unused = sorted(str(k) for k in loading.get("unexpected_keys", ()))
+    if unused:  # transformers drops these silently: the model served would not be the one saved
         raise ModelStoreError(
-            f"manifest says {manifest.num_heads} heads but the checkpoint has num_labels={k}"
+            f"{path} has weights not used by its config ({', '.join(unused[:5])}"
+            f"{f', ... {len(unused)} in all' if len(unused) > 5 else ''}): config.json does not describe "
+            "these weights (a layer count or a size changed?)"
         )
+    check_finite_weights(model, path)
+    check_vocabulary(model, tokenizer, path)
+    k = int(model.config.num_labels)
+    defaults = {} if manifest is not None else {"max_length": default_max_length(model.config, tokenizer)}
+    manifest = resolve_manifest(manifest, k, **defaults)
     model.to(device)
     model.eval()
     attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
@@ -205,6 +211,22 @@ def check_finite_weights(model: Any, path: Path) -> None:
         raise ModelStoreError(
             f"{path}: weights contain NaN or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
             "the checkpoint is corrupted"
+        )
+
+
+def check_vocabulary(model: Any, tokenizer: Any, path: Path) -> None:
+    """Every id the tokenizer can produce must have an embedding row; otherwise the first item that
+    uses one fails with `IndexError: index out of range in self` (on CUDA: a device-side assert that
+    poisons the process). A tokenizer from another model, or an embedding cut short, shows here. An
+    embedding larger than the vocabulary is normal (rows padded to a multiple of 64 or 128)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    size = len(tokenizer)
+    if isinstance(rows, int) and size > rows:
+        raise ModelStoreError(
+            f"{path}: the tokenizer has {size} tokens (ids up to {size - 1}) but the model's input "
+            f"embedding has {rows} rows: ids past it cannot be embedded (a tokenizer from another "
+            "model, or an embedding cut short?)"
         )
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_store.aggregation import Aggregation
+from model_store.errors import ModelStoreError
 from model_store.uncertainty import DisagreementQuantiles
 
 MANIFEST_NAME = "reward_heads.json"
@@ -99,6 +100,35 @@ class RewardManifest(BaseModel):
         if not path.exists():
             return None
         return cls.model_validate(json.loads(path.read_text()))
+
+
+def config_num_labels(directory: Path) -> int | None:
+    """K as transformers reads a checkpoint's config.json: the length of `id2label`, else `num_labels`,
+    else 2, transformers' default, which it does not write (a 2-label checkpoint's config.json may
+    carry neither key). None when there is no config.json."""
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text())
+    if config.get("id2label"):
+        return len(config["id2label"])
+    return int(config.get("num_labels") or 2)
+
+
+def resolve_manifest(
+    manifest: RewardManifest | None, num_labels: int | None, **defaults: Any
+) -> RewardManifest:
+    """The manifest a checkpoint is served with: its own `reward_heads.json` (which must agree with the
+    checkpoint's K), else the default one for K heads. `models import` (ModelStore.publish, K from
+    config.json) and `serve` (the loader, K from the loaded config) both resolve here, so a directory
+    either serves and imports as the same K heads or is refused by both."""
+    if manifest is None:
+        return RewardManifest.default_for(num_labels or 1, **defaults)
+    if num_labels is not None and manifest.num_heads != num_labels:
+        raise ModelStoreError(
+            f"manifest says {manifest.num_heads} heads but the checkpoint has num_labels={num_labels}"
+        )
+    return manifest
 
 
 def resolve_aggregation(

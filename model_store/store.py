@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model_store.errors import ChecksumMismatch, InvalidModelName, ModelNotFound, ModelStoreError, UnsafeModel
-from model_store.manifest import MANIFEST_NAME, RewardManifest, checksum_tree, sha256_file
+from model_store.manifest import (
+    MANIFEST_NAME,
+    RewardManifest,
+    checksum_tree,
+    config_num_labels,
+    resolve_manifest,
+    sha256_file,
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -251,12 +258,7 @@ class ModelStore:
                 manifest = RewardManifest.read(source)
             except ValueError as e:  # invalid JSON or fields: pydantic's ValidationError is a ValueError
                 raise ModelStoreError(f"{source / MANIFEST_NAME} is not a valid manifest: {e}") from e
-            manifest = manifest or _manifest_from_config(source)
-        k = _num_labels(source)
-        if k is not None and k != manifest.num_heads:
-            raise ModelStoreError(
-                f"manifest says {manifest.num_heads} heads but config.json has num_labels={k}"
-            )
+        manifest = resolve_manifest(manifest, config_num_labels(source))
         if manifest.files:  # fail fast, before copying: the copy is compared again below
             problems = _compare_files({rel: "" for rel in _publishable_files(source)}, manifest.files)
             missing_or_unlisted = [p for p in problems if not p.endswith("sha256 mismatch")]
@@ -329,19 +331,6 @@ class ModelStore:
         os.rename(ref.path, trash)  # disappears atomically, then is deleted
         shutil.rmtree(trash, ignore_errors=True)
         return ref
-
-
-def _num_labels(directory: Path) -> int | None:
-    cfg_path = Path(directory) / "config.json"
-    if not cfg_path.exists():
-        return None
-    cfg = json.loads(cfg_path.read_text())
-    n = cfg.get("num_labels") or len(cfg.get("id2label") or {})
-    return int(n) if n else None
-
-
-def _manifest_from_config(directory: Path) -> RewardManifest:
-    return RewardManifest.default_for(_num_labels(directory) or 1)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -135,11 +135,21 @@ class Settings(BaseSettings):
         description="Longest a client may take to send a request body, from arrival; past it the request "
         "gets 408 and the connection is closed (a trickling upload cannot hold a connection forever).",
     )
+    head_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="Longest a client may take to send a request head (request line and headers), from "
+        "connecting or from the first byte of a later request on a kept-alive connection; past it the "
+        "client gets 408 and the connection is closed (an idle or header-trickling socket cannot hold a "
+        "connection forever; uvicorn has no such timeout).",
+    )
     max_connections: int = Field(
         default=8192,
         ge=1,
-        description="Concurrent connections before new requests get uvicorn's plain 503 (a backstop "
-        "against idle or slow clients; the item queue is the normal overload signal). Keep the "
+        description="Connections served at once: a connection takes a slot with its first request head "
+        "and keeps it until it closes; a request on a connection beyond the limit gets 503 `overloaded` "
+        "with Retry-After and a closed connection (a backstop against slow clients; sockets that have "
+        "not sent a head hold no slot; the item queue is the normal overload signal). Keep the "
         "process's open-file limit above it.",
     )
     retry_after_s: int = Field(default=1, ge=0, description="`Retry-After` seconds sent with 503s.")

@@ -1,30 +1,39 @@
-"""Running the app under uvicorn, with a SIGTERM that drains instead of dropping work.
+"""Running the app under uvicorn, with a SIGTERM (or SIGHUP) that drains instead of dropping work.
 
 On SIGTERM uvicorn stops listening and waits for in-flight requests (up to drain_timeout_s);
 we add: part-full batches flush at once (nobody else is coming), /readyz turns 503, and after a
 clean drain the process exits 0 instead of re-raising the signal. A drain that cannot finish in
 time answers what is left with 503 `shutting_down` and exits EXIT_DRAIN_CUT_SHORT (service/drain.py).
-HTTP requests the parser rejects get the documented error body (service/http_errors.py).
+HTTP requests the parser rejects get the documented error body (service/http_errors.py); request
+heads have a deadline and connections a limit that answer in that shape too (service/connections.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Generator
 from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from scoring.settings import Settings
+from service.connections import guarded_protocol
 from service.drain import EXIT_DRAIN_CUT_SHORT, DrainGuard, cut_margin_s
 from service.http_errors import shaped_protocol
 
 log = logging.getLogger("hydra_rm.server")
+
+# Signals that drain. uvicorn handles SIGINT and SIGTERM; SIGHUP (a closed terminal, a supervisor's
+# "reload") kept its default action and killed the process with requests in flight (exit 129).
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 class HydraServer(uvicorn.Server):
@@ -34,6 +43,20 @@ class HydraServer(uvicorn.Server):
         super().__init__(config)
         self.guard: DrainGuard | None = None
         self.drain_cut_short = False  # some accepted request was answered 503 instead of scored
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """uvicorn's signal capture, plus SIGHUP, which drains as SIGTERM does."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(signal.SIGHUP, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(signal.SIGHUP, previous)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
@@ -48,7 +71,25 @@ class HydraServer(uvicorn.Server):
             retry = getattr(settings, "retry_after_s", 1)
             self.guard = DrainGuard(self.config.loaded_app, lambda: self.should_exit, retry)
             self.config.loaded_app = self.guard
+            self._guard_connections(settings)
         await super().startup(sockets)
+
+    def _guard_connections(self, settings: Settings | None) -> None:
+        """Head timeout and connection slots on every connection (service/connections.py)."""
+        settings = settings if isinstance(settings, Settings) else Settings()
+        metrics = _find_state(self.config.loaded_app, "metrics")
+
+        def count(reason: str) -> None:
+            if metrics is not None:
+                metrics.rejected.labels(reason=reason).inc()
+
+        self.config.http_protocol_class = guarded_protocol(
+            self.config.http_protocol_class,
+            head_timeout_s=settings.head_timeout_s,
+            max_connections=self.config.limit_concurrency,
+            retry_after_s=settings.retry_after_s,
+            count=count,
+        )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         service = _find_service(self.config.loaded_app)
@@ -69,10 +110,10 @@ class HydraServer(uvicorn.Server):
                 self.guard.cut_short,
             )
         if not self.force_exit:
-            # We honoured SIGTERM by draining; uvicorn would re-raise it at exit (status -15).
+            # We honoured SIGTERM (or SIGHUP) by draining; uvicorn would re-raise it at exit (status -15).
             captured = getattr(self, "_captured_signals", None)
             if isinstance(captured, list):
-                captured[:] = [s for s in captured if s != signal.SIGTERM]
+                captured[:] = [s for s in captured if s not in DRAIN_SIGNALS]
 
     async def _cut_drain_after(self, service: Any, delay: float) -> None:
         """Shortly before uvicorn's deadline, fail what is still queued with 503 shutting_down, so

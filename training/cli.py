@@ -74,7 +74,7 @@ def train(
 ) -> None:
     """Train K Bradley-Terry reward heads on a shared encoder; publish a model the service serves as is."""
     from model_store.errors import ModelStoreError
-    from training.data import DataError, load_pairs, sha256_path
+    from training.data import DataError, check_signal, load_pairs, sha256_path
     from training.trainer import TrainConfig, Trainer, publish, save_model
 
     if name is None and output is None:
@@ -87,9 +87,12 @@ def train(
         raise _fail("--ensemble must be none or full")
     try:
         pairs = load_pairs(data)
+        warning = check_signal(pairs, data)
         reference = load_pairs(reference_data) if reference_data else None
     except (DataError, OSError) as e:
         raise _fail(str(e)) from e
+    if warning:
+        typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
     names = [s.strip() for s in head_names.split(",")] if head_names else None
     cfg = TrainConfig(
         heads=heads, head_names=names, epochs=epochs, seed=seed, lr_encoder=lr, lr_heads=head_lr,

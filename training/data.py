@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,15 @@ class DataError(ValueError):
     """A line of the preference file that cannot be used; the message names the line and field."""
 
 
+# Above this share of pairs with chosen == rejected, `train` warns: they add nothing but ln 2 to the loss.
+IDENTICAL_WARN_SHARE = 0.05
+
+
 @dataclass(frozen=True)
 class Pair:
     chosen: dict[str, Any]
     rejected: dict[str, Any]
+    where: str = field(default="", compare=False)  # "path:line", for messages about the pair
 
 
 def sha256_path(path: Path) -> str:
@@ -70,7 +75,7 @@ def parse_pair(obj: Any, where: str) -> Pair:
         if key not in obj:
             raise DataError(f"{where}: missing field {key!r}")
     prompt = obj.get("prompt")
-    return Pair(to_item(prompt, obj["chosen"], where), to_item(prompt, obj["rejected"], where))
+    return Pair(to_item(prompt, obj["chosen"], where), to_item(prompt, obj["rejected"], where), where)
 
 
 def load_pairs(path: Path) -> list[Pair]:
@@ -87,6 +92,27 @@ def load_pairs(path: Path) -> list[Pair]:
     if not pairs:
         raise DataError(f"{path} has no preference pairs")
     return pairs
+
+
+def check_signal(pairs: list[Pair], path: Path) -> str | None:
+    """Pairs whose chosen and rejected items are identical teach nothing (their loss is ln 2 whatever
+    the model does). DataError, naming the lines, when every pair is such; a warning (returned) when
+    more than IDENTICAL_WARN_SHARE of them are."""
+    same = [p.where.rpartition(":")[2] for p in pairs if p.chosen == p.rejected]
+    if not same:
+        return None
+    lines = f"line{'s' if len(same) > 1 else ''} {', '.join(same[:10])}{', ...' if len(same) > 10 else ''}"
+    if len(same) == len(pairs):
+        raise DataError(
+            f"{path}: all {len(pairs)} pairs have chosen == rejected ({lines}): there is no preference "
+            "to learn; check the columns the file was built from"
+        )
+    if len(same) > IDENTICAL_WARN_SHARE * len(pairs):
+        return (
+            f"{path}: {len(same)} of {len(pairs)} pairs have chosen == rejected ({lines}); they carry no "
+            "preference signal and only dilute the rest"
+        )
+    return None
 
 
 def write_pairs(path: Path, rows: list[dict[str, Any]]) -> Path:

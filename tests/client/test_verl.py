@@ -110,3 +110,28 @@ def test_batch_form_and_prompt_forms(server, tiny_engine, monkeypatch):
     assert no_prompt["score"] == pytest.approx(
         reference(tiny_engine, ["just a response"])[0]["reward"], abs=1e-5
     )
+
+
+def _fake_score(heads: dict[str, float]):  # noqa: ANN202 - a stand-in for client.results.Score
+    from types import SimpleNamespace
+
+    values = list(heads.values())
+    return SimpleNamespace(
+        reward=min(values),
+        min=min(values),
+        max=max(values),
+        mean=sum(values) / len(values),
+        std=0.0,
+        heads=heads,
+    )
+
+
+def test_default_head_names_are_not_prefixed_twice():
+    """A model without head names has heads `head_0..`: veRL got `head_head_0`."""
+    out = verl.to_result(_fake_score({"head_0": 1.0, "head_1": 2.0}), ["head_0", "head_1"])
+    assert out["head_0"] == 1.0 and out["head_1"] == 2.0 and not any(k.startswith("head_head") for k in out)
+    named = verl.to_result(_fake_score({"helpful": 1.0, "honest": 2.0}), ["helpful", "honest"])
+    assert named["head_helpful"] == 1.0 and named["head_honest"] == 2.0
+    # `x` and `head_x` would both become head_x: then every key keeps the prefix, so none collide
+    both = verl.to_result(_fake_score({"x": 1.0, "head_x": 2.0}), ["x", "head_x"])
+    assert both["head_x"] == 1.0 and both["head_head_x"] == 2.0

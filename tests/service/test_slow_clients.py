@@ -78,12 +78,12 @@ def test_connections_are_capped(tiny_engine) -> None:
 
     settings = Settings(max_connections=4)
     assert build_server(settings, app=object()).config.limit_concurrency == 4  # what `serve` runs with
-    with live_server(settings, tiny_engine) as live, slow_bodies(live.url, 3):
-        # uvicorn counts the new connection too: with 3 held, a 4th is the limit
-        wait_until(lambda: len(live.server.server_state.connections) == 3, what="3 slow connections held")
+    with live_server(settings, tiny_engine) as live, slow_bodies(live.url, 4):
+        # each slow upload holds a slot (its head is in): a 5th connection is one too many
+        wait_until(lambda: len(live.server.server_state.connections) == 4, what="4 slow connections held")
         with httpx.Client(timeout=10) as c:
             refused = c.post(f"{live.url}/get_reward", json={"query": ["one too many"]})
-        assert refused.status_code == 503
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded"
     with live_server(settings, tiny_engine) as live:  # the cap counts connections, not requests served
         for _ in range(6):
             assert httpx.post(f"{live.url}/get_reward", json={"query": ["fine"]}).status_code == 200
