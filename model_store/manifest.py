@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_store.aggregation import Aggregation
+from model_store.novelty import NoveltyInfo
 from model_store.uncertainty import DisagreementQuantiles
 
 MANIFEST_NAME = "reward_heads.json"
@@ -62,6 +63,9 @@ class RewardManifest(BaseModel):
     # the model came from (data sha256, base, arguments, seed, library versions, held-out metrics).
     disagreement: DisagreementQuantiles | None = None
     provenance: dict[str, Any] | None = None
+    # Written by `hydra-rm train` / `hydra-rm calibrate`: the feature-space novelty statistic
+    # (model_store/novelty.py) in `novelty.safetensors`, with its reference quantiles. Absent: no u.
+    novelty: NoveltyInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardManifest:
@@ -90,7 +94,10 @@ class RewardManifest(BaseModel):
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        # Unset optional blocks stay out of the file, so models without them are written as before.
+        path.write_text(
+            self.model_dump_json(indent=2, exclude={"novelty"} if self.novelty is None else None) + "\n"
+        )
         return path
 
     @classmethod

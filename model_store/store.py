@@ -22,6 +22,7 @@ from pathlib import Path
 
 from model_store.errors import ChecksumMismatch, InvalidModelName, ModelNotFound, ModelStoreError, UnsafeModel
 from model_store.manifest import MANIFEST_NAME, RewardManifest, checksum_tree, sha256_file
+from model_store.novelty import NOVELTY_FILE
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -132,7 +133,7 @@ def check_no_stray_weights(directory: Path) -> None:
             )
     else:
         used = {"model.safetensors"} & present
-    stray = sorted(present - used)
+    stray = sorted(present - used - {NOVELTY_FILE})  # the novelty statistic is read by hydra-rm, not HF
     if stray:
         raise ModelStoreError(
             f"{directory} holds weight files the model would not load ({', '.join(stray[:5])}); "
