@@ -80,7 +80,7 @@ class RewardManifest(BaseModel):
             raise ValueError("head_names must be unique")
         if self.normalization is not None and len(self.normalization.mean) != self.num_heads:
             raise ValueError("normalization must have one mean/std per head")
-        Aggregation.parse(self.default_aggregation, self.num_heads)
+        Aggregation.parse(self.default_aggregation, self.num_heads).for_novelty(self.novelty)
         for rel, digest in self.files.items():
             check_relative_path(rel)
             if not re.fullmatch(r"[0-9a-f]{64}", digest):

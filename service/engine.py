@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kernels import multihead_reward
+from kernels import NoveltyTensors, ScoredRows, multihead_reward, multihead_reward_novelty
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
@@ -40,10 +40,12 @@ class ItemScore:
     std: float
     tokens: int
     truncated: bool
+    novelty: float | None = None  # feature-space novelty u (model_store/novelty.py); None: no statistic
 
     def summary(self) -> dict[str, Any]:
-        """The per-item fields every output format (HTTP, JSONL) reports beside the heads."""
-        return {
+        """The per-item fields every output format (HTTP, JSONL) reports beside the heads; `novelty`
+        only where the model has the statistic, so other models' outputs are exactly as before."""
+        out = {
             "min": self.min,
             "max": self.max,
             "mean": self.mean,
@@ -51,6 +53,9 @@ class ItemScore:
             "tokens": self.tokens,
             "truncated": self.truncated,
         }
+        if self.novelty is not None:
+            out["novelty"] = self.novelty
+        return out
 
 
 @dataclass(frozen=True)
@@ -95,15 +100,23 @@ def _allow_tf32() -> None:
 
 
 def _to_host(res: Any) -> list[list[float]]:
-    """All outputs in one device-to-host transfer: rows of [K rewards, min, max, mean, std].
+    """All outputs in one device-to-host transfer: rows of [K rewards, min, max, mean, std(, u)].
 
     Five separate `.cpu()` calls were five synchronising copies per batch on CUDA."""
-    packed = torch.cat([res.rewards, torch.stack([res.min, res.max, res.mean, res.std], dim=1)], dim=1)
+    heads, cols = (res.heads, [res.novelty]) if isinstance(res, ScoredRows) else (res, [])
+    stats = torch.stack([heads.min, heads.max, heads.mean, heads.std, *cols], dim=1)
+    packed = torch.cat([heads.rewards, stats], dim=1)
     return packed.cpu().tolist()
 
 
 def item_scores(res: Any, batch: Sequence[EncodedItem]) -> list[ItemScore]:
     """One ItemScore per row of a kernel result (plain and shared-prefix forwards alike)."""
+    if isinstance(res, ScoredRows):
+        k = res.heads.rewards.shape[1]
+        return [
+            ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated, r[k + 4])
+            for r, e in zip(_to_host(res), batch, strict=True)
+        ]
     k = res.rewards.shape[1]
     return [
         ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated)
@@ -149,6 +162,7 @@ class ScoringEngine:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.has_chat_template = self.items.has_chat_template
         self.weight, self.bias = self._fold_heads()
+        self.novelty = self._novelty_tensors()
         if self.head.kind == _resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
             self._self_check()
         # Shared prompts encoded once, duplicates scored once (service/prefix.py); the batch plan only
@@ -183,6 +197,24 @@ class ScoringEngine:
         if model_dtype in (torch.float16, torch.bfloat16):
             w = w.to(model_dtype)
         return w.contiguous(), b.contiguous()
+
+    def _novelty_tensors(self) -> NoveltyTensors | None:
+        """The statistic on the engine's device, when the model has one for the row the heads read."""
+        stat, info = self.rm.novelty, self.manifest.novelty
+        if stat is None or info is None:
+            return None
+        if info.feature != self.head.kind:  # u on another row than the one it was fitted on means nothing
+            raise ModelStoreError(
+                f"the novelty statistic was fitted on {info.feature} features but this engine pools "
+                f"{self.head.kind}; re-run `hydra-rm calibrate` with this pooling"
+            )
+        return NoveltyTensors(stat.basis.to(self.device), stat.coef.to(self.device), stat.resid)
+
+    def heads(self, hidden: torch.Tensor, index: torch.Tensor | None) -> Any:
+        """The fused pass over pooled rows: HeadOutputs, or ScoredRows (heads + u) with a statistic."""
+        if self.novelty is None:
+            return multihead_reward(hidden, index, self.weight, self.bias)
+        return multihead_reward_novelty(hidden, index, self.weight, self.bias, self.novelty)
 
     def _self_check(self) -> None:
         """Refuse an architecture whose head we would reproduce wrongly (e.g. DistilBERT's
@@ -223,6 +255,27 @@ class ScoringEngine:
         """One encoder pass over `batch` (padded to its longest row); results in batch order."""
         if not batch:
             return []
+        with torch.inference_mode():
+            hidden, index = self._encode_pool(batch)
+            res = self.heads(hidden, index)
+        return item_scores(res, batch)
+
+    def pooled_features(self, encoded: Sequence[EncodedItem]) -> torch.Tensor:
+        """phi [N, H] float32 on the CPU: the rows the heads' final linear layer reads, in input order,
+        batched by the engine's policy. What the novelty statistic is fitted on (`hydra-rm calibrate`)."""
+        out: list[torch.Tensor | None] = [None] * len(encoded)
+        for idxs in self.policy.plan_items(encoded):
+            with torch.inference_mode():
+                hidden, index = self._encode_pool([encoded[i] for i in idxs])
+                if index is not None:
+                    hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+                rows = hidden.float().cpu()
+            for j, i in enumerate(idxs):
+                out[i] = rows[j]
+        return torch.stack(out) if out else torch.empty(0, self.weight.shape[1])  # type: ignore[arg-type]
+
+    def _encode_pool(self, batch: Sequence[EncodedItem]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pad, run the encoder once, and locate each row's pooled state (call under inference_mode)."""
         n, t = len(batch), max(e.n_tokens for e in batch)
         ids = torch.full((n, t), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, t), dtype=torch.long)
@@ -240,11 +293,8 @@ class ScoringEngine:
         if self.is_decoder:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
-        with torch.inference_mode():
-            out = self.model.base_model(**kwargs)
-            hidden, index = self._pool(out, mask)
-            res = multihead_reward(hidden, index, self.weight, self.bias)
-        return item_scores(res, batch)
+        out = self.model.base_model(**kwargs)
+        return self._pool(out, mask)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host-to-device from pinned memory, asynchronous on CUDA; pinning is skipped on CPU (where

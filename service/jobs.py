@@ -75,6 +75,8 @@ def model_fingerprint(engine: ScoringEngine) -> str:
         # Rows carry std_percentile: other quantiles, other rows.
         "disagreement": rm.manifest.disagreement.model_dump() if rm.manifest.disagreement else None,
     }
+    if rm.manifest.novelty is not None:  # rows carry novelty (its file is in `files`) and its percentile
+        ident["novelty"] = rm.manifest.novelty.model_dump()
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -150,7 +152,7 @@ class ScoreJob:
             raise JobError("input, output and errors files must all be different files")
 
     def _job_identity(self) -> dict[str, Any]:
-        return {
+        ident = {
             "input": _fingerprint(self.input),
             "model": f"{self.engine.rm.name}:{self.engine.rm.version}",
             "model_fingerprint": model_fingerprint(self.engine),
@@ -158,6 +160,9 @@ class ScoreJob:
             "uwo_lambda": self.aggregation.uwo_lambda,
             "errors": str(self.errors.resolve()),
         }
+        if self.aggregation.kind == "lcb":
+            ident["lcb_beta"] = self.aggregation.lcb_beta
+        return ident
 
     def _load_state(self, restart: bool) -> dict[str, Any]:
         fresh = {
@@ -303,6 +308,8 @@ class ScoreJob:
             **s.summary(),
             std_percentile=std_percentile(s.std, self.engine.manifest.disagreement),  # as /v1/score
         )
+        if s.novelty is not None and self.engine.manifest.novelty is not None:
+            rec["novelty_percentile"] = std_percentile(s.novelty, self.engine.manifest.novelty.quantiles)
         return rec
 
 

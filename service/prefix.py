@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from kernels import multihead_reward
 from service.batching import plan_batches, split_by_padding
 
 if TYPE_CHECKING:
@@ -406,7 +405,7 @@ class PrefixScorer:
                 use_cache=True,
             )
             hidden, index = e._pool(out, smask)
-            res = multihead_reward(hidden, index, e.weight, e.bias)
+            res = e.heads(hidden, index)
         return _scores(res, [batch[i] for _, i in part])
 
     @staticmethod
