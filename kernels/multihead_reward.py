@@ -375,9 +375,12 @@ def launch_config(
     w_dtype: torch.dtype = torch.bfloat16,
     n_sm: int = H100_SMS,
     smem_bytes: int = H100_SMEM,
+    novelty: bool = False,
 ) -> dict[str, int]:
     """Block sizes for a launch. A pure function of the problem and the device limits, so the
-    benchmark can report what it ran and the tests can check it against other GPUs' limits."""
+    benchmark can report what it ran and the tests can check it against other GPUs' limits. With
+    `novelty`, also BLOCK_R for the u loop, and the blocks shrink until that loop fits too (it has
+    fp32 basis tiles and an exact FMA dot: at sm86's 99 KiB the heads-only config needed 192 KiB)."""
     block_k = max(16, _next_pow2(k))  # tl.dot needs every dimension >= 16
     # Keep the per-stage weight tile at <= 8192 elements so K=64..256 still fits with pipelining.
     block_h = max(16, min(256, 8192 // block_k, _next_pow2(h)))
@@ -388,7 +391,20 @@ def launch_config(
     x_bytes, w_bytes = x_dtype.itemsize, w_dtype.itemsize
     fma = not _tensor_core_path(x_dtype, w_dtype)
 
+    def block_r() -> int:  # basis tile [BLOCK_H, BLOCK_R] no bigger than the heads' weight tile
+        return max(16, min(64, 8192 // block_h))
+
     def smem() -> int:
+        heads = smem_heads()
+        if not novelty:
+            return heads
+        # The u loop runs after the heads loop and reuses its shared memory: the larger of the two.
+        r = block_r()
+        tiles_u = (stages - 1) * (block_b * block_h * x_bytes + block_h * r * 4)
+        upcast_u = block_b * block_h * 4 if x_bytes != 4 else 0
+        return max(heads, tiles_u + upcast_u + block_b * r * 4)
+
+    def smem_heads() -> int:
         # Shared memory Triton allocates (checked against compiled kernels for sm_80/86/90 by
         # tests/kernels/test_multihead_reward_compiles.py): the pipeliner keeps (stages - 1) raw x
         # and w tiles; the FMA dot also stages fp32 copies of operands that are not fp32; the
@@ -410,13 +426,16 @@ def launch_config(
         else:
             break
     num_warps = 8 if block_b * block_h >= 16384 or block_b * block_k >= 4096 else 4
-    return {
+    out = {
         "BLOCK_B": block_b,
         "BLOCK_H": block_h,
         "BLOCK_K": block_k,
         "num_warps": num_warps,
         "num_stages": stages,
     }
+    if novelty:
+        out["BLOCK_R"] = block_r()
+    return out
 
 
 def _empty_outputs(b: int, k: int, device: torch.device) -> HeadOutputs:
@@ -499,13 +518,18 @@ def multihead_reward_triton(
         raise ValueError("hidden's H stride or weight's size is too large for 32-bit offsets")
 
     n_sm, smem_bytes = device_limits(dev)
-    cfg = launch_config(b, h, k, x_dtype=hidden.dtype, w_dtype=weight.dtype, n_sm=n_sm, smem_bytes=smem_bytes)
+    cfg = launch_config(
+        b, h, k, x_dtype=hidden.dtype, w_dtype=weight.dtype, n_sm=n_sm, smem_bytes=smem_bytes,
+        novelty=novelty is not None,
+    )  # fmt: skip
     if config:
         unknown = set(config) - set(cfg)
         if unknown:
             raise ValueError(f"unknown launch config keys {sorted(unknown)}; known: {sorted(cfg)}")
         cfg.update(config)
-    for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K"):  # tl.dot: powers of two, at least 16
+    for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "BLOCK_R")[
+        : 4 if novelty is not None else 3
+    ]:  # tl.dot: 2^n >= 16
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {cfg[name]}")
     if cfg["BLOCK_K"] < k:
@@ -517,8 +541,7 @@ def multihead_reward_triton(
         assert novelty_out is not None
         basis, coef, resid = novelty
         r = basis.shape[0]
-        # Basis tile [BLOCK_H, BLOCK_R] no bigger than the weight tile the heads use.
-        block_r = max(16, min(64, _next_pow2(r), 8192 // cfg["BLOCK_H"]))
+        block_r = min(cfg["BLOCK_R"], max(16, _next_pow2(r)))  # launch_config sized shared memory for it
         nov_args = (basis, coef, novelty_out, float(resid), r,
                     basis.stride(0), basis.stride(1), coef.stride(0), novelty_out.stride(0))  # fmt: skip
         kwargs.update(HAS_NOVELTY=True, HAS_RESID=bool(resid), BLOCK_R=block_r)
