@@ -31,8 +31,8 @@ from model_store import ModelStore  # noqa: E402
 from model_store.default_model import build_default_model  # noqa: E402
 from model_store.loader import load_reward_model  # noqa: E402
 from model_store.novelty import fit_novelty  # noqa: E402
-from service.batching import BatchPolicy  # noqa: E402
-from service.engine import ScoringEngine  # noqa: E402
+from scoring.batching import BatchPolicy  # noqa: E402
+from scoring.engine import ScoringEngine  # noqa: E402
 from training.calibrate import fit_for_engine  # noqa: E402
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
-    from model_store.manifest import RewardManifest
     from model_store.novelty import NoveltyInfo
 
 Kind = Literal["min", "mean", "max", "uwo", "lcb", "head"]
@@ -85,17 +84,3 @@ class Aggregation:
             return stats.mean - self.lcb_beta * self.lcb_scale * stats.novelty
         assert self.head is not None
         return stats.rewards[self.head]
-
-
-def resolve_aggregation(
-    manifest: RewardManifest,
-    aggregation: str | None = None,
-    uwo_lambda: float | None = None,
-    lcb_beta: float | None = None,
-) -> Aggregation:
-    """The default aggregation of a served or scored model: what the operator set (a HYDRA_RM_* setting
-    or a CLI option), else the manifest's. `serve`, `score` and `demo` all resolve through here."""
-    lam = manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
-    beta = 1.0 if lcb_beta is None else lcb_beta
-    agg = Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam, beta)
-    return agg.for_novelty(manifest.novelty)

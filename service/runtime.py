@@ -17,13 +17,15 @@ from starlette.types import Receive
 
 from model_store.aggregation import Aggregation
 from model_store.novelty import NoveltyInfo
+from model_store.tokenization import EncodedItem, Item, ItemError
 from model_store.uncertainty import DisagreementQuantiles, std_percentile
+from scoring.interface import Engine
+from scoring.results import ItemScore
+from scoring.settings import Settings
 from service.batcher import Batcher
-from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.middleware import ARRIVED_KEY, Arrivals
-from service.settings import Settings
 from service.tokenizing import TokenizerLane
 
 log = logging.getLogger("hydra_rm.runtime")
@@ -47,7 +49,7 @@ class ScoringService:
     def __init__(
         self,
         settings: Settings,
-        engine: ScoringEngine,
+        engine: Engine,
         metrics: Metrics,
         arrivals: Arrivals | None = None,
         torch_thread: ThreadPoolExecutor | None = None,
@@ -61,7 +63,9 @@ class ScoringService:
         # The reference-split std quantiles stored at training time (None: percentiles are null).
         self.quantiles: DisagreementQuantiles | None = engine.manifest.disagreement
         # The novelty statistic's description (reference quantiles of u); None: no novelty anywhere.
-        self.novelty: NoveltyInfo | None = engine.manifest.novelty if engine.novelty is not None else None
+        self.novelty: NoveltyInfo | None = (
+            engine.manifest.novelty if getattr(engine, "novelty", None) is not None else None
+        )  # an engine that does not compute u (scoring/interface.py) serves none
         self.batcher = Batcher(
             engine.forward,
             engine.policy,

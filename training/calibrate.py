@@ -35,8 +35,8 @@ DEFAULT_HOLDOUT = 0.2
 
 
 def _engine(rm: RewardModel) -> Any:
-    from service.batching import BatchPolicy
-    from service.engine import ScoringEngine
+    from scoring.batching import BatchPolicy
+    from scoring.engine import ScoringEngine
 
     device = str(next(rm.model.parameters()).device)
     return ScoringEngine(rm, policy=BatchPolicy.resolve(device, token_budget=16384, max_batch_size=256))
@@ -76,7 +76,7 @@ def split_items(items: Sequence[Item], holdout: float, seed: int) -> tuple[list[
 def read_items(path: Path) -> list[Item]:
     """JSONL of items in any of the API's forms (`text`, `prompt`+`response`, `messages`), or of
     preference pairs ({prompt, chosen, rejected}: both responses are reference items)."""
-    from service.protocol import ScoreItem
+    from scoring.items import ScoreItem
 
     items: list[Item] = []
     with open(path, encoding="utf-8") as f:

@@ -1,4 +1,4 @@
-"""`hydra-rm train | eval | experiment`: the command functions (registered lazily by service.cli)."""
+"""`hydra-rm train | eval | experiment`: the command functions (registered lazily by cli.main)."""
 
 from __future__ import annotations
 
@@ -240,9 +240,9 @@ def calibrate_cmd(
     `novelty` / `novelty_percentile` and usable as the `lcb` aggregation. The new version is loaded,
     self-checked and probed as `hydra-rm models import` does before it becomes visible.
     """
+    from cli.import_check import check_importable
     from model_store.errors import ModelStoreError
-    from service.import_check import check_importable
-    from service.settings import Settings
+    from scoring.settings import Settings
     from training.calibrate import calibrate
 
     model_store = _store(store)
@@ -281,7 +281,7 @@ app.add_typer(experiment_app, name="experiment")
 
 
 def run(args: list[str]) -> None:
-    """Entry point for service.cli's lazy wrappers: `run(["train", "--data", ...])`."""
+    """Entry point for cli.main's lazy wrappers: `run(["train", "--data", ...])`."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load report for the new head

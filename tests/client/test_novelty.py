@@ -12,7 +12,7 @@ import pytest
 from client import HydraClient, verl
 from client.trl import HydraReward
 from model_store.tokenization import Item
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.service.conftest import Live, live_server
 
 PROMPTS = ["Hi", "How was the soup?", "Tell me a story"]
@@ -21,7 +21,7 @@ ANSWERS = ["Hello there", "great great great great great great", "Once upon a ti
 
 @pytest.fixture(scope="module")
 def novelty_engine(tiny_engine: Any) -> Any:
-    from service.engine import ScoringEngine
+    from scoring.engine import ScoringEngine
     from training.calibrate import fit_for_engine
 
     ref = [Item(prompt=f"question {n}", response="an answer " * (1 + n % 7)) for n in range(120)]

@@ -14,16 +14,16 @@ import httpx
 import pytest
 import torch
 
+from cli.import_check import check_importable
+from jobs.local import ScoreJob
 from model_store import ModelStore
 from model_store.default_model import corpus_path
 from model_store.loader import load_reward_model
 from model_store.novelty import novelty
 from model_store.uncertainty import std_percentile
-from service.batching import BatchPolicy
-from service.engine import Item, ScoringEngine
-from service.import_check import check_importable
-from service.jobs import ScoreJob
-from service.settings import Settings
+from scoring.batching import BatchPolicy
+from scoring.engine import Item, ScoringEngine
+from scoring.settings import Settings
 from tests.service.conftest import live_server, metric_value
 from training.calibrate import calibrate
 

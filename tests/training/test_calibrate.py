@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli.main import app
 from model_store import ModelStore, RewardManifest
 from model_store.loader import load_reward_model
 from model_store.novelty import NOVELTY_FILE
 from model_store.uncertainty import fit_quantiles
-from service.batching import BatchPolicy
-from service.cli import app
-from service.engine import Item, ScoringEngine
+from scoring.batching import BatchPolicy
+from scoring.engine import Item, ScoringEngine
 from training.calibrate import split_items
 from training.data import load_pairs, write_pairs
 from training.overopt import proxy_base, proxy_tokenizer
