@@ -161,6 +161,7 @@ def render(report: dict[str, Any]) -> str:
             cells = [a["all shifts"], *(a[k] for k in SHIFTS)]
             lines.append(f"| {model} | {signal} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     tm = report["results"].get("_train_metrics", {})
-    lines += ["", f"Trained model: reference accuracy (mean of heads) {tm.get('reference_accuracy_mean')}, "
-              f"head correlation {tm.get('reference_head_correlation')}."]  # fmt: skip
+    acc, corr = tm.get("reference_accuracy_mean"), tm.get("reference_head_correlation")
+    lines += ["", f"Trained model: reference accuracy (mean of heads) {acc if acc is None else round(acc, 3)}, "
+              f"head correlation {corr if corr is None else round(corr, 3)}."]  # fmt: skip
     return "\n".join(lines) + "\n"
