@@ -117,6 +117,16 @@ def check_importable(
         raise ImportRefused(
             "the model gives non-finite rewards (NaN or inf) to ordinary probe inputs: corrupted weights?"
         )
+    if engine.novelty is not None:  # the statistic is served beside the rewards: it must be sound too
+        us = [s.novelty for s in scores]
+        if not all(u is not None and math.isfinite(u) and u >= 0 for u in us):
+            raise ImportRefused(
+                f"the novelty statistic gives non-finite values to ordinary probe inputs: {us}"
+            )
+        if max(us) - min(us) <= CONSTANT_RTOL * max(1.0, max(us)):  # type: ignore[type-var, operator]
+            raise ImportRefused(
+                "the novelty statistic gives every probe input the same value: it looks broken"
+            )
     names = engine.head_names
     spreads, constant = constant_heads(rewards, names)
     if constant:

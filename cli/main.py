@@ -417,6 +417,14 @@ def eval_cmd(ctx: typer.Context) -> None:
     run(["eval", *ctx.args])
 
 
+@app.command("calibrate", context_settings=_PASS_THROUGH, add_help_option=False)
+def calibrate_cmd(ctx: typer.Context) -> None:
+    """Fit the feature-space novelty statistic for any model; publish it as a new version (`--help`)."""
+    from training.cli import run
+
+    run(["calibrate", *ctx.args])
+
+
 @app.command("experiment", context_settings=_PASS_THROUGH, add_help_option=False)
 def experiment_cmd(ctx: typer.Context) -> None:
     """Offline experiments, e.g. `hydra-rm experiment overopt --out docs/experiments/` (`--help`)."""

@@ -139,12 +139,16 @@ class _Base:
         self.on_retry(replica.url, error, attempt, min(wait, cooldown))
 
     @staticmethod
-    def _options(aggregation: str | None, uwo_lambda: float | None, return_heads: bool) -> dict[str, Any]:
+    def _options(
+        aggregation: str | None, uwo_lambda: float | None, return_heads: bool, lcb_beta: float | None = None
+    ) -> dict[str, Any]:
         opts: dict[str, Any] = {}
         if aggregation is not None:
             opts["aggregation"] = aggregation
         if uwo_lambda is not None:
             opts["uwo_lambda"] = uwo_lambda
+        if lcb_beta is not None:
+            opts["lcb_beta"] = lcb_beta
         if not return_heads:
             opts["return_heads"] = False
         return opts
@@ -250,6 +254,7 @@ class HydraClient(_Base):
         uwo_lambda: float | None = None,
         return_heads: bool = True,
         on_error: OnError = "raise",
+        lcb_beta: float | None = None,
     ) -> ScoreList:
         """Score items (dicts in the server's forms, (prompt, response) pairs, or strings = raw text);
         results in input order. Raises on the first request that fails for good, unless
@@ -257,7 +262,7 @@ class HydraClient(_Base):
         encoded = encode_items(items)
         if not encoded:
             return ScoreList()
-        opts = self._options(aggregation, uwo_lambda, return_heads)
+        opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta)
         chunks = split(encoded, self.limits())
 
         def run(idx: range) -> list[tuple[range, ScoreResponse | HydraError]]:
@@ -354,12 +359,13 @@ class AsyncHydraClient(_Base):
         uwo_lambda: float | None = None,
         return_heads: bool = True,
         on_error: OnError = "raise",
+        lcb_beta: float | None = None,
     ) -> ScoreList:
         """As `HydraClient.score`; requests run `concurrency` at a time on the caller's loop."""
         encoded = encode_items(items)
         if not encoded:
             return ScoreList()
-        opts = self._options(aggregation, uwo_lambda, return_heads)
+        opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta)
         chunks = split(encoded, await self.limits())
         gate = asyncio.Semaphore(self.concurrency)
 

@@ -95,6 +95,10 @@ class Score:
     # Percentile (0-100) of `std` among the model's reference-split stds; None when the model has no
     # stored quantiles (or the server predates the field).
     std_percentile: float | None = None
+    # Feature-space novelty of the item against the model's reference set, and its percentile there;
+    # None for models without a novelty statistic.
+    novelty: float | None = None
+    novelty_percentile: float | None = None
 
 
 class ScoreList(list):  # list[Score | None]
@@ -136,6 +140,7 @@ class ScoreResponse:
     uwo_lambda: float | None
     head_names: list[str]
     results: list[Score]
+    lcb_beta: float | None = None
     usage: dict[str, int] = field(default_factory=dict)
 
 
@@ -149,13 +154,14 @@ def parse_score_response(body: Any, expected: int) -> ScoreResponse:
         got = len(raw_results) if isinstance(raw_results, list) else raw_results
         raise ProtocolError(f"response.results: expected {expected} results, got {got!r}")
     results = [_parse_result(r, names, f"response.results[{i}]") for i, r in enumerate(raw_results)]
-    lam = obj.get("uwo_lambda")
+    lam, beta = obj.get("uwo_lambda"), obj.get("lcb_beta")
     usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
     return ScoreResponse(
         model=_str(obj, "model", "response"),
         version=_str(obj, "version", "response"),
         aggregation=_str(obj, "aggregation", "response"),
         uwo_lambda=float(lam) if isinstance(lam, (int, float)) and not isinstance(lam, bool) else None,
+        lcb_beta=float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None,
         head_names=list(names),
         results=results,
         usage={k: v for k, v in usage.items() if isinstance(v, int)},
@@ -186,6 +192,10 @@ def _parse_result(raw: Any, names: list[str], where: str) -> Score:
         tokens=_int(r, "tokens", where),
         truncated=truncated,
         std_percentile=_num(r, "std_percentile", where) if r.get("std_percentile") is not None else None,
+        novelty=_num(r, "novelty", where) if r.get("novelty") is not None else None,
+        novelty_percentile=_num(r, "novelty_percentile", where)
+        if r.get("novelty_percentile") is not None
+        else None,
     )
     if not math.isfinite(score.reward):
         raise ProtocolError(f"{where}.reward: not a finite number ({score.reward})")

@@ -53,8 +53,9 @@ def _content(content: Any) -> str:
 class HydraReward:
     """One float per completion: the service's reward (its `min` over heads unless `aggregation` says
     otherwise). Per-head means and the head disagreement go to TRL's logged metrics (`hydra/<head>`,
-    `hydra/head_std`, `hydra/min_mean_gap`); each sample's std goes to the completions table
-    (`hydra/std`). Picklable: it carries only its settings, and builds its client on first use."""
+    `hydra/head_std`, `hydra/min_mean_gap`; for models with a novelty statistic `hydra/novelty`,
+    `hydra/novelty_percentile` and `hydra/novelty_above_p95`, the share of completions more novel than
+    the reference p95); each sample's std (and novelty) goes to the completions table (`hydra/std`). Picklable: it carries only its settings, and builds its client on first use."""
 
     def __init__(
         self,
@@ -149,8 +150,15 @@ class HydraReward:
                     log_metric(f"hydra/{name}", fmean(s.heads[name] for s in ok))
             log_metric("hydra/head_std", fmean(s.std for s in ok))
             log_metric("hydra/min_mean_gap", fmean(s.mean - s.min for s in ok))
+            novel = [s for s in ok if s.novelty is not None and s.novelty_percentile is not None]
+            if novel:  # models with a novelty statistic: how far from the reference the policy has gone
+                log_metric("hydra/novelty", fmean(s.novelty for s in novel))  # type: ignore[misc]
+                log_metric("hydra/novelty_percentile", fmean(s.novelty_percentile for s in novel))  # type: ignore[misc]
+                log_metric("hydra/novelty_above_p95", fmean(s.novelty_percentile > 95.0 for s in novel))  # type: ignore[operator]
         if callable(log_extra):
             log_extra("hydra/std", [s.std if s is not None else None for s in scores])
+            if any(s is not None and s.novelty is not None for s in scores):
+                log_extra("hydra/novelty", [s.novelty if s is not None else None for s in scores])
 
 
 class HeadReward:

@@ -68,6 +68,10 @@ def to_result(score: Score, head_names: Sequence[str]) -> dict[str, float]:
     }
     for name, key in zip(head_names, head_keys(head_names), strict=True):
         out[key] = score.heads[name]
+    if score.novelty is not None:  # one served model: every sample has it, or none does
+        out["novelty"] = score.novelty
+        if score.novelty_percentile is not None:
+            out["novelty_percentile"] = score.novelty_percentile
     return out
 
 

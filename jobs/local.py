@@ -169,7 +169,7 @@ class ScoreJob:
             raise JobError("input, output and errors files must all be different files")
 
     def _job_identity(self) -> dict[str, Any]:
-        return {
+        ident = {
             "input": _fingerprint(self.input),
             "model": f"{self.engine.name}:{self.engine.version}",
             "model_fingerprint": model_fingerprint(self.engine),
@@ -177,6 +177,9 @@ class ScoreJob:
             "uwo_lambda": self.aggregation.uwo_lambda,
             "errors": str(self.errors.resolve()),
         }
+        if self.aggregation.kind == "lcb":
+            ident["lcb_beta"] = self.aggregation.lcb_beta
+        return ident
 
     def _load_state(self, restart: bool) -> dict[str, Any]:
         fresh = {
@@ -326,6 +329,8 @@ class ScoreJob:
             **s.summary(),
             std_percentile=std_percentile(s.std, self.engine.manifest.disagreement),  # as /v1/score
         )
+        if s.novelty is not None and self.engine.manifest.novelty is not None:
+            rec["novelty_percentile"] = std_percentile(s.novelty, self.engine.manifest.novelty.quantiles)
         return rec
 
 

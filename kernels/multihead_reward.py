@@ -47,6 +47,22 @@ class HeadOutputs(NamedTuple):
     std: torch.Tensor
 
 
+class NoveltyTensors(NamedTuple):
+    """The feature-space novelty statistic as the kernel reads it (model_store/novelty.py):
+    u^2 = sum_r coef_r (basis_r . x)^2 + resid * (|x|^2 - sum_r (basis_r . x)^2), clamped at 0."""
+
+    basis: torch.Tensor  # [R, H] float32
+    coef: torch.Tensor  # [R] float32
+    resid: float
+
+
+class ScoredRows(NamedTuple):
+    """What the fused pass returns when a novelty statistic is given: the heads and u `[B]` (fp32)."""
+
+    heads: HeadOutputs
+    novelty: torch.Tensor
+
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Past this the [BLOCK_B, BLOCK_K] accumulator and the weight tile stop fitting in registers/shared
@@ -78,6 +94,66 @@ def _check_inputs(
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def _check_novelty(novelty: NoveltyTensors, hidden: torch.Tensor) -> None:
+    basis, coef, resid = novelty
+    if basis.dim() != 2 or basis.shape[1] != hidden.shape[-1] or basis.shape[0] == 0:
+        raise ValueError(f"novelty.basis must be [R >= 1, H={hidden.shape[-1]}], got {tuple(basis.shape)}")
+    if coef.dim() != 1 or coef.shape[0] != basis.shape[0]:
+        raise ValueError(f"novelty.coef must be [R={basis.shape[0]}], got {tuple(coef.shape)}")
+    if basis.dtype not in _FLOAT_DTYPES or coef.dtype not in _FLOAT_DTYPES:
+        raise ValueError("novelty.basis and novelty.coef must be floating point")
+    if not (math.isfinite(resid) and resid >= 0):
+        raise ValueError(f"novelty.resid must be finite and >= 0, got {resid}")
+
+
+def _pool_rows(hidden: torch.Tensor, index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pooled rows [B, H] and which rows had an out-of-range index (None without an index)."""
+    if index is None:
+        return hidden, None
+    t = hidden.shape[1]
+    index = index.to(hidden.device, torch.long)
+    bad_index = (index < 0) | (index >= t)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    # T=0: no valid position; gather zeros of the right width so every row turns NaN (bad_index)
+    pooled = (
+        hidden[rows, index.clamp(0, t - 1)] if t > 0 else hidden.new_zeros(hidden.shape[0], hidden.shape[2])
+    )
+    return pooled, bad_index
+
+
+def novelty_reference(
+    pooled: torch.Tensor, novelty: NoveltyTensors, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """u [B] for pooled rows [B, H] (no NaN masking: the caller owns which rows are bad)."""
+    basis, coef, resid = novelty
+    x = pooled.to(compute_dtype)
+    proj = x @ basis.to(compute_dtype).T
+    sq = proj * proj
+    u2 = sq @ coef.to(compute_dtype)
+    if resid:
+        u2 = u2 + resid * ((x * x).sum(1) - sq.sum(1))
+    return u2.clamp(min=0.0).sqrt()
+
+
+def multihead_reward_reference_novelty(
+    hidden: torch.Tensor,
+    index: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    novelty: NoveltyTensors,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+) -> ScoredRows:
+    """Torch reference of the pass with novelty: the heads as `multihead_reward_reference` and u
+    on the same pooled row; a row that is NaN in the heads is NaN in u too."""
+    _check_novelty(novelty, hidden)
+    heads = multihead_reward_reference(hidden, index, weight, bias, compute_dtype=compute_dtype)
+    pooled, _ = _pool_rows(hidden, index)
+    u = novelty_reference(pooled, novelty, compute_dtype)
+    u = u.masked_fill(torch.isnan(heads.rewards[:, 0]) if heads.rewards.shape[0] else u.isnan(), math.nan)
+    return ScoredRows(heads, u.float() if compute_dtype == torch.float32 else u)
+
+
 def multihead_reward_reference(
     hidden: torch.Tensor,
     index: torch.Tensor | None,
@@ -88,20 +164,7 @@ def multihead_reward_reference(
 ) -> HeadOutputs:
     """Torch reference: gather, linear, reductions. `compute_dtype=float64` gives the test oracle."""
     _check_inputs(hidden, index, weight, bias)
-    bad_index = None
-    if index is not None:
-        t = hidden.shape[1]
-        index = index.to(hidden.device, torch.long)
-        bad_index = (index < 0) | (index >= t)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        # T=0: no valid position; gather zeros of the right width so every row turns NaN below (bad_index)
-        pooled = (
-            hidden[rows, index.clamp(0, t - 1)]
-            if t > 0
-            else hidden.new_zeros(hidden.shape[0], hidden.shape[2])
-        )
-    else:
-        pooled = hidden
+    pooled, bad_index = _pool_rows(hidden, index)
     rewards = pooled.to(compute_dtype) @ weight.to(compute_dtype).T + bias.to(compute_dtype)
     bad = ~torch.isfinite(rewards).all(dim=1)
     if bad_index is not None:
@@ -140,9 +203,13 @@ if triton is not None:
         stride_hb, stride_ht, stride_hh, stride_wk, stride_wh, stride_bk,
         # output strides (rewards: b, k; then one per reduction)
         stride_rb, stride_rk, stride_min, stride_max, stride_mean, stride_std,
+        # novelty (only read when HAS_NOVELTY): basis [R, H], coef [R], resid, output u [B]
+        basis_ptr, coef_ptr, u_ptr, resid, R,
+        stride_pr, stride_ph, stride_c, stride_u,
         # compile-time switches and tile sizes (launch_config picks them)
         HAS_INDEX: tl.constexpr, EVEN_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_NOVELTY: tl.constexpr = False, HAS_RESID: tl.constexpr = False, BLOCK_R: tl.constexpr = 16,
     ) -> None:  # fmt: skip
         # One program owns BLOCK_B pooled rows and every head. The work is a skinny GEMM
         # ([B, H] x [H, K], K up to 256): memory-bound on the B*H row bytes, so the design is about
@@ -174,6 +241,7 @@ if triton is not None:
         w_ptrs = weight_ptr + offs_k[None, :] * stride_wk + offs_h[:, None] * stride_wh
 
         acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        xsq = tl.zeros((BLOCK_B,), dtype=tl.float32)  # |x|^2 for the novelty residual, from the same loads
         for h0 in range(0, H, BLOCK_H):
             if EVEN_H:
                 x_mask = row_ok_load[:, None]
@@ -187,6 +255,8 @@ if triton is not None:
             x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
             w = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
             acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            if HAS_RESID:
+                xsq += tl.sum(x * x, axis=1)
             x_ptrs += BLOCK_H * stride_hh
             w_ptrs += BLOCK_H * stride_wh
 
@@ -215,6 +285,38 @@ if triton is not None:
         r_max = tl.where(row_bad, nan, r_max)
         r_mean = tl.where(row_bad, nan, r_mean)
         r_std = tl.where(row_bad, nan, r_std)
+
+        if HAS_NOVELTY:
+            # u^2 = sum_r coef_r (basis_r . x)^2 (+ resid * (|x|^2 - sum_r (basis_r . x)^2)). The same
+            # pooled rows, one R block at a time: the row tile comes back from L1/L2 (R / BLOCK_R
+            # re-reads of B*H elements), the basis is read once per program like W. Always the exact
+            # FMA dot ("ieee"): u is a sum of squares of projections, where tf32 would cost 1e-3.
+            offs_r = tl.arange(0, BLOCK_R)
+            u2 = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            psq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            x_base = hidden_ptr + row_off[:, None] + offs_h[None, :] * stride_hh
+            for r0 in range(0, R, BLOCK_R):
+                r_ok = (r0 + offs_r) < R
+                proj = tl.zeros((BLOCK_B, BLOCK_R), dtype=tl.float32)
+                xp = x_base
+                p_ptrs = basis_ptr + (r0 + offs_r)[None, :] * stride_pr + offs_h[:, None] * stride_ph
+                for h0 in range(0, H, BLOCK_H):
+                    h_ok = (h0 + offs_h) < H
+                    xv = tl.load(xp, mask=row_ok_load[:, None] & h_ok[None, :], other=0.0).to(tl.float32)
+                    pv = tl.load(p_ptrs, mask=r_ok[None, :] & h_ok[:, None], other=0.0).to(tl.float32)
+                    proj = tl.dot(xv, pv, proj, input_precision="ieee")
+                    xp += BLOCK_H * stride_hh
+                    p_ptrs += BLOCK_H * stride_ph
+                c = tl.load(coef_ptr + (r0 + offs_r) * stride_c, mask=r_ok, other=0.0).to(tl.float32)
+                sq = proj * proj
+                u2 += tl.sum(sq * c[None, :], axis=1)
+                if HAS_RESID:
+                    psq += tl.sum(sq, axis=1)
+            if HAS_RESID:
+                u2 += resid * (xsq - psq)
+            u = tl.sqrt_rn(tl.maximum(u2, 0.0))
+            u = tl.where(row_bad, nan, u)
+            tl.store(u_ptr + offs_b * stride_u, u, mask=row_ok)
 
         r_ptrs = rewards_ptr + offs_b.to(tl.int64)[:, None] * stride_rb + offs_k[None, :] * stride_rk
         tl.store(r_ptrs, rewards, mask=row_ok[:, None] & valid)
@@ -273,9 +375,12 @@ def launch_config(
     w_dtype: torch.dtype = torch.bfloat16,
     n_sm: int = H100_SMS,
     smem_bytes: int = H100_SMEM,
+    novelty: bool = False,
 ) -> dict[str, int]:
     """Block sizes for a launch. A pure function of the problem and the device limits, so the
-    benchmark can report what it ran and the tests can check it against other GPUs' limits."""
+    benchmark can report what it ran and the tests can check it against other GPUs' limits. With
+    `novelty`, also BLOCK_R for the u loop, and the blocks shrink until that loop fits too (it has
+    fp32 basis tiles and an exact FMA dot: at sm86's 99 KiB the heads-only config needed 192 KiB)."""
     block_k = max(16, _next_pow2(k))  # tl.dot needs every dimension >= 16
     # Keep the per-stage weight tile at <= 8192 elements so K=64..256 still fits with pipelining.
     block_h = max(16, min(256, 8192 // block_k, _next_pow2(h)))
@@ -286,7 +391,20 @@ def launch_config(
     x_bytes, w_bytes = x_dtype.itemsize, w_dtype.itemsize
     fma = not _tensor_core_path(x_dtype, w_dtype)
 
+    def block_r() -> int:  # basis tile [BLOCK_H, BLOCK_R] no bigger than the heads' weight tile
+        return max(16, min(64, 8192 // block_h))
+
     def smem() -> int:
+        heads = smem_heads()
+        if not novelty:
+            return heads
+        # The u loop runs after the heads loop and reuses its shared memory: the larger of the two.
+        r = block_r()
+        tiles_u = (stages - 1) * (block_b * block_h * x_bytes + block_h * r * 4)
+        upcast_u = block_b * block_h * 4 if x_bytes != 4 else 0
+        return max(heads, tiles_u + upcast_u + block_b * r * 4)
+
+    def smem_heads() -> int:
         # Shared memory Triton allocates (checked against compiled kernels for sm_80/86/90 by
         # tests/kernels/test_multihead_reward_compiles.py): the pipeliner keeps (stages - 1) raw x
         # and w tiles; the FMA dot also stages fp32 copies of operands that are not fp32; the
@@ -308,13 +426,16 @@ def launch_config(
         else:
             break
     num_warps = 8 if block_b * block_h >= 16384 or block_b * block_k >= 4096 else 4
-    return {
+    out = {
         "BLOCK_B": block_b,
         "BLOCK_H": block_h,
         "BLOCK_K": block_k,
         "num_warps": num_warps,
         "num_stages": stages,
     }
+    if novelty:
+        out["BLOCK_R"] = block_r()
+    return out
 
 
 def _empty_outputs(b: int, k: int, device: torch.device) -> HeadOutputs:
@@ -333,9 +454,12 @@ def multihead_reward_triton(
     *,
     out: HeadOutputs | None = None,
     config: Mapping[str, int] | None = None,
+    novelty: NoveltyTensors | None = None,
+    novelty_out: torch.Tensor | None = None,
 ) -> HeadOutputs:
     """Launch the fused kernel. `out` takes preallocated fp32 outputs (any strides) so tests can
-    poison them; `config` overrides entries of `launch_config` for tests and tuning."""
+    poison them; `config` overrides entries of `launch_config` for tests and tuning. With `novelty`,
+    u is written into `novelty_out` ([B] fp32; see `multihead_reward_triton_novelty`)."""
     if triton is None:
         raise RuntimeError("the Triton kernel needs the `triton` package (pip install hydra-rm[triton])")
     _check_inputs(hidden, index, weight, bias)
@@ -360,6 +484,17 @@ def multihead_reward_triton(
                 raise ValueError(
                     f"out.{name} must be float32 {shape} on {dev}, got {t.dtype} {tuple(t.shape)}"
                 )
+    if novelty is not None:
+        _check_novelty(novelty, hidden)
+        if novelty_out is None or tuple(novelty_out.shape) != (b,) or novelty_out.dtype != torch.float32:
+            raise ValueError(f"novelty_out must be a float32 [{b}] tensor when novelty is given")
+        for name, t in (
+            ("novelty.basis", novelty.basis),
+            ("novelty.coef", novelty.coef),
+            ("novelty_out", novelty_out),
+        ):
+            if t.device != dev:
+                raise ValueError(f"{name} is on {t.device} but hidden is on {dev}")
     if b == 0:
         return out
 
@@ -383,13 +518,18 @@ def multihead_reward_triton(
         raise ValueError("hidden's H stride or weight's size is too large for 32-bit offsets")
 
     n_sm, smem_bytes = device_limits(dev)
-    cfg = launch_config(b, h, k, x_dtype=hidden.dtype, w_dtype=weight.dtype, n_sm=n_sm, smem_bytes=smem_bytes)
+    cfg = launch_config(
+        b, h, k, x_dtype=hidden.dtype, w_dtype=weight.dtype, n_sm=n_sm, smem_bytes=smem_bytes,
+        novelty=novelty is not None,
+    )  # fmt: skip
     if config:
         unknown = set(config) - set(cfg)
         if unknown:
             raise ValueError(f"unknown launch config keys {sorted(unknown)}; known: {sorted(cfg)}")
         cfg.update(config)
-    for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K"):  # tl.dot: powers of two, at least 16
+    for name in ("BLOCK_B", "BLOCK_H", "BLOCK_K", "BLOCK_R")[
+        : 4 if novelty is not None else 3
+    ]:  # tl.dot: 2^n >= 16
         if cfg[name] < 16 or cfg[name] & (cfg[name] - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {cfg[name]}")
     if cfg["BLOCK_K"] < k:
@@ -397,6 +537,16 @@ def multihead_reward_triton(
     grid = (triton.cdiv(b, cfg["BLOCK_B"]),)
     rewards, r_min, r_max, r_mean, r_std = out
     kwargs: dict[str, Any] = dict(cfg)
+    if novelty is not None:
+        assert novelty_out is not None
+        basis, coef, resid = novelty
+        r = basis.shape[0]
+        block_r = min(cfg["BLOCK_R"], max(16, _next_pow2(r)))  # launch_config sized shared memory for it
+        nov_args = (basis, coef, novelty_out, float(resid), r,
+                    basis.stride(0), basis.stride(1), coef.stride(0), novelty_out.stride(0))  # fmt: skip
+        kwargs.update(HAS_NOVELTY=True, HAS_RESID=bool(resid), BLOCK_R=block_r)
+    else:  # never read: HAS_NOVELTY is False, the novelty code is compiled out
+        nov_args = (bias, bias, r_std, 0.0, 1, 0, 0, 0, 0)
     # Triton launches on the *current* CUDA device, which the service's forward thread never sets:
     # without this, HYDRA_RM_DEVICE=cuda:1 would launch on device 0 with cuda:1 pointers.
     with _launch_device(dev):
@@ -426,12 +576,31 @@ def multihead_reward_triton(
             r_max.stride(0),
             r_mean.stride(0),
             r_std.stride(0),
+            *nov_args,
             HAS_INDEX=has_index,
             EVEN_H=h % cfg["BLOCK_H"] == 0,
             DOT_PRECISION="tf32" if _tensor_core_path(hidden.dtype, weight.dtype) else "ieee",
             **kwargs,
         )
     return out
+
+
+def multihead_reward_triton_novelty(
+    hidden: torch.Tensor,
+    index: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    novelty: NoveltyTensors,
+    *,
+    out: HeadOutputs | None = None,
+    config: Mapping[str, int] | None = None,
+) -> ScoredRows:
+    """The fused kernel with u next to the heads, from the same gathered rows."""
+    u = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    heads = multihead_reward_triton(
+        hidden, index, weight, bias, out=out, config=config, novelty=novelty, novelty_out=u
+    )
+    return ScoredRows(heads, u)
 
 
 def _launch_device(dev: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -460,3 +629,17 @@ def multihead_reward(
     if _backend_for(hidden, weight) == "triton":
         return multihead_reward_triton(hidden, index, weight, bias)
     return multihead_reward_reference(hidden, index, weight, bias)
+
+
+def multihead_reward_novelty(
+    hidden: torch.Tensor,
+    index: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    novelty: NoveltyTensors,
+) -> ScoredRows:
+    """`multihead_reward` plus the feature-space novelty u [B] of each pooled row (fp32; NaN where
+    the row's heads are NaN). Models without a novelty statistic call `multihead_reward` instead."""
+    if _backend_for(hidden, weight) == "triton":
+        return multihead_reward_triton_novelty(hidden, index, weight, bias, novelty)
+    return multihead_reward_reference_novelty(hidden, index, weight, bias, novelty)

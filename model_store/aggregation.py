@@ -1,19 +1,23 @@
 """How one reward is picked from K heads (Coste et al. 2023, arXiv 2310.02743): parsed once, applied.
 
 `min` is worst-case optimisation (WCO), the pessimistic default that resists reward hacking;
-`uwo` is uncertainty-weighted optimisation: mean - lambda * variance across heads; `head:<i>` is one
-head. The text form (`min`, `head:2`, ...) is parsed here and only here: by the manifest, the
+`uwo` is uncertainty-weighted optimisation: mean - lambda * variance across heads; `lcb` is
+mean - beta * reward_std * u / u_median, pessimism by feature-space novelty u in reference units
+(model_store/novelty.py; only for models with the statistic); `head:<i>` is one head. The text form (`min`, `head:2`, ...) is parsed here and only here: by the manifest, the
 settings, the CLI and each request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal, Protocol
 
-Kind = Literal["min", "mean", "max", "uwo", "head"]
-KINDS: tuple[Kind, ...] = ("min", "mean", "max", "uwo")
+if TYPE_CHECKING:
+    from model_store.novelty import NoveltyInfo
+
+Kind = Literal["min", "mean", "max", "uwo", "lcb", "head"]
+KINDS: tuple[Kind, ...] = ("min", "mean", "max", "uwo", "lcb")
 
 
 class HeadStats(Protocol):
@@ -22,27 +26,43 @@ class HeadStats(Protocol):
     max: float
     mean: float
     std: float
+    novelty: float | None
 
 
 @dataclass(frozen=True)
 class Aggregation:
-    """A parsed aggregation: `kind`, the head index for `head`, and lambda (used by `uwo` only)."""
+    """A parsed aggregation: `kind`, the head index for `head`, lambda (`uwo` only), beta (`lcb` only)
+    and `lcb_scale` = reward_std / u_median of the model (set by `for_novelty`; `lcb` needs it)."""
 
     kind: Kind
     head: int | None = None
     uwo_lambda: float = 1.0
+    lcb_beta: float = 1.0
+    lcb_scale: float | None = None
 
     @classmethod
-    def parse(cls, text: str, num_heads: int, uwo_lambda: float = 1.0) -> Aggregation:
-        """`min|mean|max|uwo|head:<i>` for a model of `num_heads` heads; ValueError names what is wrong."""
+    def parse(cls, text: str, num_heads: int, uwo_lambda: float = 1.0, lcb_beta: float = 1.0) -> Aggregation:
+        """`min|mean|max|uwo|lcb|head:<i>` for a model of `num_heads` heads; ValueError names what is wrong."""
         if text in KINDS:
-            return cls(text, None, uwo_lambda)  # type: ignore[arg-type]
+            return cls(text, None, uwo_lambda, lcb_beta)  # type: ignore[arg-type]
         if text.startswith("head:"):
             idx = text[5:]
             if idx.isascii() and idx.isdigit() and len(idx) <= 6 and int(idx) < num_heads:
-                return cls("head", int(idx), uwo_lambda)
+                return cls("head", int(idx), uwo_lambda, lcb_beta)
             raise ValueError(f"head index in {text[:32]!r} must be an integer in [0, {num_heads - 1}]")
-        raise ValueError(f"unknown aggregation {text[:32]!r}; expected one of min, mean, max, uwo, head:<i>")
+        raise ValueError(
+            f"unknown aggregation {text[:32]!r}; expected one of min, mean, max, uwo, lcb, head:<i>"
+        )
+
+    def for_novelty(self, info: NoveltyInfo | None) -> Aggregation:
+        """Bind `lcb` to a model's reference units; ValueError when the model has no statistic."""
+        if self.kind != "lcb":
+            return self
+        if info is None:
+            raise ValueError(
+                "`lcb` needs a novelty statistic and this model has none (write one with `hydra-rm calibrate`)"
+            )
+        return replace(self, lcb_scale=info.reward_std / info.median)
 
     @property
     def name(self) -> str:
@@ -58,5 +78,9 @@ class Aggregation:
             return stats.mean
         if self.kind == "uwo":
             return stats.mean - self.uwo_lambda * stats.std * stats.std
+        if self.kind == "lcb":
+            if stats.novelty is None or self.lcb_scale is None:  # for_novelty refused such models upfront
+                raise ValueError("`lcb` applied without a novelty statistic")
+            return stats.mean - self.lcb_beta * self.lcb_scale * stats.novelty
         assert self.head is not None
         return stats.rewards[self.head]

@@ -12,6 +12,7 @@ import torch
 
 from model_store.errors import ChecksumMismatch, ModelNotFound, ModelStoreError, UnsafeModel
 from model_store.manifest import MANIFEST_NAME, RewardManifest, resolve_manifest
+from model_store.novelty import NoveltyStat, load_novelty
 from model_store.store import ModelStore, check_weights_safe, verify_checksums
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class RewardModel:
     version: str
     path: Path
     info: dict[str, Any] = field(default_factory=dict)
+    novelty: NoveltyStat | None = None  # the manifest's feature-space statistic, on the model's device
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -184,6 +186,18 @@ def load_reward_model(
     k = int(model.config.num_labels)
     defaults = {} if manifest is not None else {"max_length": default_max_length(model.config, tokenizer)}
     manifest = resolve_manifest(manifest, k, **defaults)
+    novelty = None
+    if manifest.novelty is not None:
+        hidden = manifest.novelty.hidden_size
+        try:
+            novelty = load_novelty(path, manifest.novelty).to(device)
+        except ValueError as e:
+            raise ModelStoreError(f"the novelty statistic does not load: {e}") from e
+        width = _head_input_width(model)
+        if width is not None and width != hidden:
+            raise ModelStoreError(
+                f"the novelty statistic is for features of size {hidden} but the heads read {width}"
+            )
     model.to(device)
     model.eval()
     attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
@@ -200,7 +214,17 @@ def load_reward_model(
             "architecture": type(model).__name__,
             "attn_implementation": attn,
         },
+        novelty=novelty,
     )
+
+
+def _head_input_width(model: Any) -> int | None:
+    """in_features of the K-way linear layer (the width of phi), for the architectures served."""
+    for head in (getattr(model, "score", None), getattr(model, "classifier", None)):
+        head = getattr(head, "out_proj", head)
+        if isinstance(head, torch.nn.Linear):
+            return int(head.in_features)
+    return None
 
 
 def check_finite_weights(model: Any, path: Path) -> None:

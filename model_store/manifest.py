@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_store.aggregation import Aggregation
 from model_store.errors import ModelStoreError
+from model_store.novelty import NoveltyInfo
 from model_store.uncertainty import DisagreementQuantiles
 
 MANIFEST_NAME = "reward_heads.json"
@@ -63,6 +64,9 @@ class RewardManifest(BaseModel):
     # the model came from (data sha256, base, arguments, seed, library versions, held-out metrics).
     disagreement: DisagreementQuantiles | None = None
     provenance: dict[str, Any] | None = None
+    # Written by `hydra-rm train` / `hydra-rm calibrate`: the feature-space novelty statistic
+    # (model_store/novelty.py) in `novelty.safetensors`, with its reference quantiles. Absent: no u.
+    novelty: NoveltyInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardManifest:
@@ -77,7 +81,7 @@ class RewardManifest(BaseModel):
             raise ValueError("head_names must be unique")
         if self.normalization is not None and len(self.normalization.mean) != self.num_heads:
             raise ValueError("normalization must have one mean/std per head")
-        Aggregation.parse(self.default_aggregation, self.num_heads)
+        Aggregation.parse(self.default_aggregation, self.num_heads).for_novelty(self.novelty)
         for rel, digest in self.files.items():
             check_relative_path(rel)
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -91,7 +95,10 @@ class RewardManifest(BaseModel):
 
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        # Unset optional blocks stay out of the file, so models without them are written as before.
+        path.write_text(
+            self.model_dump_json(indent=2, exclude={"novelty"} if self.novelty is None else None) + "\n"
+        )
         return path
 
     @classmethod
@@ -132,12 +139,17 @@ def resolve_manifest(
 
 
 def resolve_aggregation(
-    manifest: RewardManifest, aggregation: str | None = None, uwo_lambda: float | None = None
+    manifest: RewardManifest,
+    aggregation: str | None = None,
+    uwo_lambda: float | None = None,
+    lcb_beta: float | None = None,
 ) -> Aggregation:
     """The default aggregation of a served or scored model: what the operator set (a HYDRA_RM_* setting
     or a CLI option), else the manifest's. `serve`, `score` and `demo` all resolve through here."""
     lam = manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
-    return Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam)
+    beta = 1.0 if lcb_beta is None else lcb_beta
+    agg = Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam, beta)
+    return agg.for_novelty(manifest.novelty)
 
 
 def check_relative_path(rel: str) -> str:

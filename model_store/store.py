@@ -29,6 +29,7 @@ from model_store.manifest import (
     resolve_manifest,
     sha256_file,
 )
+from model_store.novelty import NOVELTY_FILE
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -139,7 +140,7 @@ def check_no_stray_weights(directory: Path) -> None:
             )
     else:
         used = {"model.safetensors"} & present
-    stray = sorted(present - used)
+    stray = sorted(present - used - {NOVELTY_FILE})  # the novelty statistic is read by hydra-rm, not HF
     if stray:
         raise ModelStoreError(
             f"{directory} holds weight files the model would not load ({', '.join(stray[:5])}); "

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from kernels import NoveltyTensors
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
@@ -63,7 +64,13 @@ class ScoringEngine:
         self.truncation_side = self.items.truncation_side
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Pooling, folded heads, device transfer and the plain padded pass (scoring/heads.py).
-        self.heads = HeadForward(self.model, self.manifest, pad_id=pad_id, padding_side=padding_side)
+        self.heads = HeadForward(
+            self.model,
+            self.manifest,
+            pad_id=pad_id,
+            padding_side=padding_side,
+            novelty=self._novelty_tensors(),
+        )
         self.head = self.heads.head
         self.is_decoder = self.heads.is_decoder
         self.padding_side = self.heads.padding_side
@@ -132,6 +139,34 @@ class ScoringEngine:
         """One encoder pass over `batch` (padded to its longest row); results in batch order."""
         return self.heads.forward_padded(batch)
 
+    @property
+    def novelty(self) -> NoveltyTensors | None:
+        """The feature-space novelty statistic being served (None: u is absent from every output)."""
+        return self.heads.novelty
+
+    def _novelty_tensors(self) -> NoveltyTensors | None:
+        """The model's statistic on the engine's device, if it was fitted on the row the heads read."""
+        stat, info = self.rm.novelty, self.manifest.novelty
+        if stat is None or info is None:
+            return None
+        kind = resolve_head(self.model, self.manifest.pooling).kind
+        if info.feature != kind:  # u on another row than the one it was fitted on means nothing
+            raise ModelStoreError(
+                f"the novelty statistic was fitted on {info.feature} features but this engine pools "
+                f"{kind}; re-run `hydra-rm calibrate` with this pooling"
+            )
+        return NoveltyTensors(stat.basis.to(self.device), stat.coef.to(self.device), stat.resid)
+
+    def pooled_features(self, encoded: Sequence[EncodedItem]) -> torch.Tensor:
+        """phi [N, H] float32 on the CPU, in input order, batched by the engine's policy: the rows the
+        heads' final linear layer reads. What `hydra-rm calibrate` fits the novelty statistic on."""
+        out: list[torch.Tensor | None] = [None] * len(encoded)
+        for idxs in self.policy.plan_items(encoded):
+            rows = self.heads.features([encoded[i] for i in idxs])
+            for j, i in enumerate(idxs):
+                out[i] = rows[j]
+        return torch.stack(out) if out else torch.empty(0, self.heads.weight.shape[1])  # type: ignore[arg-type]
+
     def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
         """Batches planned by `self.policy`; results in input order."""
         results: list[ItemScore | None] = [None] * len(encoded)
@@ -178,4 +213,7 @@ class ScoringEngine:
             "dtype": str(self.heads.weight.dtype),
             # Rows carry std_percentile: other quantiles, other rows.
             "disagreement": rm.manifest.disagreement.model_dump() if rm.manifest.disagreement else None,
+            # Rows carry novelty (its file is in `files`) and its percentile; absent for models without,
+            # so their fingerprint (and a resumable job) is what it was.
+            **({"novelty": rm.manifest.novelty.model_dump()} if rm.manifest.novelty is not None else {}),
         }

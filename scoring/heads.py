@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kernels import multihead_reward
+from kernels import NoveltyTensors, ScoredRows, multihead_reward, multihead_reward_novelty
 from model_store.errors import ModelStoreError
 from model_store.manifest import RewardManifest
 from model_store.tokenization import EncodedItem
@@ -87,15 +87,22 @@ def fold_heads(head: Head, manifest: RewardManifest) -> tuple[torch.Tensor, torc
 
 
 def _to_host(res: Any) -> list[list[float]]:
-    """All outputs in one device-to-host transfer: rows of [K rewards, min, max, mean, std].
+    """All outputs in one device-to-host transfer: rows of [K rewards, min, max, mean, std(, u)].
 
     Five separate `.cpu()` calls were five synchronising copies per batch on CUDA."""
-    packed = torch.cat([res.rewards, torch.stack([res.min, res.max, res.mean, res.std], dim=1)], dim=1)
-    return packed.cpu().tolist()
+    heads, cols = (res.heads, [res.novelty]) if isinstance(res, ScoredRows) else (res, [])
+    stats = torch.stack([heads.min, heads.max, heads.mean, heads.std, *cols], dim=1)
+    return torch.cat([heads.rewards, stats], dim=1).cpu().tolist()
 
 
 def item_scores(res: Any, batch: Sequence[EncodedItem]) -> list[ItemScore]:
     """One ItemScore per row of a kernel result (plain and shared-prefix forwards alike)."""
+    if isinstance(res, ScoredRows):
+        k = res.heads.rewards.shape[1]
+        return [
+            ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated, r[k + 4])
+            for r, e in zip(_to_host(res), batch, strict=True)
+        ]
     k = res.rewards.shape[1]
     return [
         ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated)
@@ -113,6 +120,7 @@ class HeadForward:
         *,
         pad_id: int,
         padding_side: Literal["right", "left"],
+        novelty: NoveltyTensors | None = None,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -122,6 +130,8 @@ class HeadForward:
         self.padding_side = padding_side if self.is_decoder else "right"
         self.pad_id = pad_id
         self.weight, self.bias = fold_heads(self.head, manifest)
+        # The feature-space novelty statistic on this device (None: the heads-only kernel call).
+        self.novelty = novelty
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host-to-device from pinned memory, asynchronous on CUDA; pinning is skipped on CPU (where
@@ -152,12 +162,32 @@ class HeadForward:
     def scores(self, out: Any, mask: torch.Tensor, batch: Sequence[EncodedItem]) -> list[ItemScore]:
         """Pool an encoder output, run all K heads in the fused kernel, one transfer back to the host."""
         hidden, index = self.pool(out, mask)
-        return item_scores(multihead_reward(hidden, index, self.weight, self.bias), batch)
+        if self.novelty is None:
+            return item_scores(multihead_reward(hidden, index, self.weight, self.bias), batch)
+        return item_scores(
+            multihead_reward_novelty(hidden, index, self.weight, self.bias, self.novelty), batch
+        )
 
     def forward_padded(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
         """One encoder pass over `batch` (padded to its longest row); results in batch order."""
         if not batch:
             return []
+        with torch.inference_mode():
+            out, mask = self._encode(batch)
+            return self.scores(out, mask, batch)
+
+    def features(self, batch: Sequence[EncodedItem]) -> torch.Tensor:
+        """phi [B, H] float32 on the CPU: the rows the heads' final linear layer reads (what the
+        novelty statistic is fitted on), from one padded pass."""
+        with torch.inference_mode():
+            out, mask = self._encode(batch)
+            hidden, index = self.pool(out, mask)
+            if index is not None:
+                hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+            return hidden.float().cpu()
+
+    def _encode(self, batch: Sequence[EncodedItem]) -> tuple[Any, torch.Tensor]:
+        """Pad and run the encoder once (call under inference_mode): its output and the mask."""
         n, t = len(batch), max(e.n_tokens for e in batch)
         ids = torch.full((n, t), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, t), dtype=torch.long)
@@ -175,6 +205,4 @@ class HeadForward:
         if self.is_decoder:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
-        with torch.inference_mode():
-            out = self.model.base_model(**kwargs)
-            return self.scores(out, mask, batch)
+        return self.model.base_model(**kwargs), mask

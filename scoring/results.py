@@ -15,10 +15,12 @@ class ItemScore:
     std: float
     tokens: int
     truncated: bool
+    novelty: float | None = None  # feature-space novelty u (model_store/novelty.py); None: no statistic
 
     def summary(self) -> dict[str, Any]:
-        """The per-item fields every output format (HTTP, JSONL) reports beside the heads."""
-        return {
+        """The per-item fields every output format (HTTP, JSONL) reports beside the heads; `novelty`
+        only where the model has the statistic, so other models' outputs are exactly as before."""
+        out = {
             "min": self.min,
             "max": self.max,
             "mean": self.mean,
@@ -26,3 +28,6 @@ class ItemScore:
             "tokens": self.tokens,
             "truncated": self.truncated,
         }
+        if self.novelty is not None:
+            out["novelty"] = self.novelty
+        return out

@@ -112,10 +112,15 @@ class Settings(BaseSettings):
     aggregation: str | None = Field(
         default=None,
         description="Aggregation for `/get_reward` and the `/v1/score` default: `min`, `mean`, `max`, "
-        "`uwo` or `head:<i>`. Default: the manifest's (usually `min`).",
+        "`uwo`, `lcb` (models with a novelty statistic) or `head:<i>`. Default: the manifest's (usually `min`).",
     )
     uwo_lambda: float | None = Field(
         default=None, ge=0.0, description="Lambda for `uwo` (mean - lambda * var). Default: the manifest's."
+    )
+    lcb_beta: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Beta for `lcb` (mean - beta * reward_std * novelty / reference median novelty).",
     )
     max_items_per_request: int = Field(
         default=1024, ge=1, description="Most items one request may carry (422 beyond)."
@@ -219,7 +224,7 @@ class Settings(BaseSettings):
         from model_store.manifest import resolve_aggregation
 
         try:
-            return resolve_aggregation(manifest, self.aggregation, self.uwo_lambda)
+            return resolve_aggregation(manifest, self.aggregation, self.uwo_lambda, self.lcb_beta)
         except ValueError as e:
             raise ValueError(f"aggregation setting: {e}") from e
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from model_store.uncertainty import DisagreementQuantiles, std_percentile
 from service.errors import ERROR_TYPE_KEY
 from service.middleware import SCORING_PATHS
 
@@ -42,6 +43,9 @@ _REWARD_BUCKETS = (
     10.0,
 )
 _SPREAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
+# u's scale depends on the model and its reference set (roughly 1/sqrt(N) per unit of feature): decades.
+_NOVELTY_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+_PERCENTILE_BUCKETS = (10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 97.5, 99.0, 99.9, 100.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 150.0)
 
 
@@ -108,6 +112,11 @@ class Metrics:
         # hydra_rm_items_above_reference_p95: registered by set_reference_p95 once the model is known.
         self.above_reference_p95: Counter | None = None
         self._reference_p95: float | None = None
+        # hydra_rm_novelty*: registered by set_novelty for models with a novelty statistic.
+        self.novelty: Histogram | None = None
+        self.novelty_percentile: Histogram | None = None
+        self.above_novelty_p95: Counter | None = None
+        self._novelty_quantiles: DisagreementQuantiles | None = None
         self.truncated = Counter("hydra_rm_truncated_items", "Items cut to max_length.", registry=r)
         self.prefix_tokens_saved = Counter(
             "hydra_rm_prefix_tokens_saved",
@@ -170,6 +179,31 @@ class Metrics:
                 registry=self.registry,
             )
 
+    def set_novelty(self, quantiles: DisagreementQuantiles | None) -> None:
+        """Novelty histograms and the count above the reference p95 of u, for models with the statistic
+        only (absent series, not zeros, for models without: same reasoning as set_reference_p95)."""
+        self._novelty_quantiles = quantiles
+        if quantiles is None or self.novelty is not None:
+            return
+        self.novelty = Histogram(
+            "hydra_rm_novelty",
+            "Feature-space novelty u of each item's pooled state against the model's reference set.",
+            buckets=_NOVELTY_BUCKETS,
+            registry=self.registry,
+        )
+        self.novelty_percentile = Histogram(
+            "hydra_rm_novelty_percentile",
+            "Percentile (0-100) of each item's novelty among the reference split's.",
+            buckets=_PERCENTILE_BUCKETS,
+            registry=self.registry,
+        )
+        self.above_novelty_p95 = Counter(
+            "hydra_rm_items_above_novelty_p95",
+            "Items more novel than the reference split's p95 (about 5% on data like the reference; a "
+            "larger share is drift, or a policy finding inputs the reward model never saw).",
+            registry=self.registry,
+        )
+
     def track_arrivals(self, count: Callable[[], float]) -> None:
         """Read at scrape time from the service's flow control (service/middleware.py: Arrivals)."""
         self.arriving.set_function(count)
@@ -214,6 +248,19 @@ class Metrics:
         p95, above = self._reference_p95, self.above_reference_p95
         if p95 is not None and above is not None:
             above.inc(sum(s.std > p95 for s in scores))
+        q = self._novelty_quantiles
+        if q is not None and self.novelty is not None and self.novelty_percentile is not None:
+            above_u, u_p95 = 0, q.p95
+            for s in scores:
+                if s.novelty is None or s.novelty != s.novelty:  # NaN rows are counted as failures elsewhere
+                    continue
+                self.novelty.observe(s.novelty)
+                pct = std_percentile(s.novelty, q)
+                if pct is not None:
+                    self.novelty_percentile.observe(pct)
+                above_u += u_p95 is not None and s.novelty > u_p95
+            if above_u and self.above_novelty_p95 is not None:
+                self.above_novelty_p95.inc(above_u)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,16 +6,34 @@ with the default), except OpenRLHF's `/get_reward` body, whose senders add keys 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    model_serializer,
 )
 
+from model_store.novelty import NoveltyInfo
 from model_store.uncertainty import DisagreementQuantiles
 from scoring.items import ScoreItem, Text
+
+
+class _OmitWhenNone(BaseModel):
+    """Leaves the fields in `_omit_when_none` out of the JSON while they are None: what models without
+    a novelty statistic answer stays byte for byte what it was before the statistic existed."""
+
+    _omit_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in self._omit_when_none:
+                if key in data and data[key] is None:
+                    del data[key]
+        return data
 
 
 class ScoreRequest(BaseModel):
@@ -31,10 +49,19 @@ class ScoreRequest(BaseModel):
     uwo_lambda: float | None = Field(
         default=None, ge=0.0, le=1e6, allow_inf_nan=False, description="Lambda for `uwo`."
     )
+    lcb_beta: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1e6,
+        allow_inf_nan=False,
+        description="Beta for `lcb`: mean - beta * reward_std * novelty / (reference median novelty).",
+    )
     return_heads: bool = Field(default=True, description="Include every head's reward per item.")
 
 
-class ScoreResult(BaseModel):
+class ScoreResult(_OmitWhenNone):
+    _omit_when_none = ("novelty", "novelty_percentile")
+
     reward: float = Field(description="The aggregated reward.")
     heads: list[float] | None = Field(default=None, description="Every head's reward, in head order.")
     min: float
@@ -49,6 +76,17 @@ class ScoreResult(BaseModel):
         "training time; above 95 means more disagreement than 95% of what the model was fitted on. "
         "Null for models without stored quantiles.",
     )
+    novelty: float | None = Field(
+        default=None,
+        description="Feature-space novelty u = sqrt(phi^T (Phi^T Phi + lambda I)^-1 phi) of the pooled "
+        "state the heads read, against the model's reference set. Only for models with a novelty "
+        "statistic (`hydra-rm calibrate`); absent otherwise.",
+    )
+    novelty_percentile: float | None = Field(
+        default=None,
+        description="Percentile (0-100) of `novelty` among the reference split's; above 95 means more "
+        "novel than 95% of the reference. Absent for models without the statistic.",
+    )
 
 
 class Usage(BaseModel):
@@ -57,11 +95,14 @@ class Usage(BaseModel):
     truncated: int
 
 
-class ScoreResponse(BaseModel):
+class ScoreResponse(_OmitWhenNone):
+    _omit_when_none = ("lcb_beta",)
+
     model: str
     version: str
     aggregation: str
     uwo_lambda: float | None = Field(default=None, description="Lambda used, when aggregation is `uwo`.")
+    lcb_beta: float | None = Field(default=None, description="Beta used, when aggregation is `lcb`.")
     head_names: list[str]
     results: list[ScoreResult]
     usage: Usage
@@ -82,12 +123,15 @@ class GetRewardResponse(BaseModel):
     scores: list[float] = Field(description="Same as `rewards` (OpenRLHF reads either).")
     extra_logs: dict[str, list[float]] = Field(
         description="Per-query values OpenRLHF logs: `reward_std`, `reward_min`, `reward_mean`, "
-        "`reward_max`, one key per head name, and `std_percentile` (percentile of `reward_std` among "
-        "the reference split's stds) only for models with stored quantiles."
+        "`reward_max`, one key per head name, `std_percentile` (percentile of `reward_std` among "
+        "the reference split's stds) only for models with stored quantiles, and `novelty` and "
+        "`novelty_percentile` only for models with a novelty statistic."
     )
 
 
-class ModelCard(BaseModel):
+class ModelCard(_OmitWhenNone):
+    _omit_when_none = ("novelty",)
+
     id: str
     object: Literal["model"] = "model"
     version: str
@@ -108,6 +152,11 @@ class ModelCard(BaseModel):
         default=None,
         description="Quantiles of the head std on the reference split (what `std_percentile` is "
         "measured against); null for models without.",
+    )
+    novelty: NoveltyInfo | None = Field(
+        default=None,
+        description="The novelty statistic: lambda, rank, reference quantiles of u and the reward scale "
+        "`lcb` uses. Absent for models without.",
     )
 
 

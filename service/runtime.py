@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from model_store.aggregation import Aggregation
+from model_store.novelty import NoveltyInfo
 from model_store.tokenization import EncodedItem, Item, ItemError
 from model_store.uncertainty import DisagreementQuantiles, std_percentile
 from scoring.interface import Engine
@@ -61,6 +62,10 @@ class ScoringService:
         self.head_names = engine.head_names
         # The reference-split std quantiles stored at training time (None: percentiles are null).
         self.quantiles: DisagreementQuantiles | None = engine.manifest.disagreement
+        # The novelty statistic's description (reference quantiles of u); None: no novelty anywhere.
+        self.novelty: NoveltyInfo | None = (
+            engine.manifest.novelty if getattr(engine, "novelty", None) is not None else None
+        )  # an engine that does not compute u (scoring/interface.py) serves none
         self.batcher = Batcher(
             engine.forward,
             engine.policy,
@@ -98,6 +103,7 @@ class ScoringService:
         self.batcher.start()
         self.metrics.set_heads(self.head_names)
         self.metrics.set_reference_p95(self.quantiles.p95 if self.quantiles is not None else None)
+        self.metrics.set_novelty(self.novelty.quantiles if self.novelty is not None else None)
         self.metrics.track_queue(lambda: self.batcher.queued_items, lambda: self.batcher.queued_tokens)
         info = self.engine.describe()
         self.metrics.model_info.labels(
@@ -149,13 +155,17 @@ class ScoringService:
             self.tokenizer.stop()
 
     # -- request policy --------------------------------------------------------------------------
-    def request_aggregation(self, requested: str | None, uwo_lambda: float | None) -> Aggregation:
-        """A request's aggregation: what it asked for, else the server's; its lambda, else the server's."""
+    def request_aggregation(
+        self, requested: str | None, uwo_lambda: float | None, lcb_beta: float | None = None
+    ) -> Aggregation:
+        """A request's aggregation: what it asked for, else the server's; its lambda and beta, else the
+        server's."""
         lam = self.aggregation.uwo_lambda if uwo_lambda is None else uwo_lambda
+        beta = self.aggregation.lcb_beta if lcb_beta is None else lcb_beta
         if requested is None:
-            return replace(self.aggregation, uwo_lambda=lam)
+            return replace(self.aggregation, uwo_lambda=lam, lcb_beta=beta)
         try:
-            return Aggregation.parse(requested, self.engine.num_heads, lam)
+            return Aggregation.parse(requested, self.engine.num_heads, lam, beta).for_novelty(self.novelty)
         except ValueError as e:
             raise InvalidInput(f"aggregation: {e}", field="aggregation") from e
 
@@ -229,12 +239,19 @@ class ScoringService:
         """Where `std` falls among the reference split's stds (0-100); None without quantiles."""
         return std_percentile(std, self.quantiles)
 
+    def novelty_percentile(self, u: float | None) -> float | None:
+        """Where novelty `u` falls among the reference split's (0-100); None without the statistic."""
+        if u is None or self.novelty is None:
+            return None
+        return std_percentile(u, self.novelty.quantiles)
+
     def describe(self) -> dict[str, Any]:
         return {
             **self.engine.describe(),
             "disagreement": self.quantiles,
             "default_aggregation": self.aggregation.name,
             "uwo_lambda": self.aggregation.uwo_lambda,
+            "novelty": self.novelty,
             "token_budget": self.engine.policy.token_budget,
             "max_batch_size": self.engine.policy.max_batch_size,
         }

@@ -50,6 +50,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop (with a checkpoint) after this many optimizer steps
     cpu: bool = False
     progress: bool = True
+    # Feature-space novelty (model_store/novelty.py) fitted on the training responses; None: not written.
+    novelty_lambda: float | None = 1.0
 
     def names(self) -> list[str]:
         names = self.head_names or [f"head_{i}" for i in range(self.heads)]
@@ -67,6 +69,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     finished: bool = True  # False when max_steps stopped the run early
     is_main_process: bool = True  # under `accelerate launch`, only the main process publishes
+    novelty: Any = None  # model_store.novelty.NoveltyStat, written beside the weights when set
 
 
 def split_reference(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -338,7 +341,18 @@ class Trainer:
         )
         model = fwd.hf
         model.eval()
-        return TrainResult(model, self.loaded.tokenizer, manifest, metrics, history, finished)
+        stat = None
+        if cfg.novelty_lambda is not None:
+            from model_store.tokenization import Item
+            from training.calibrate import novelty_for_training
+
+            train_items = [Item(**it) for p in self.train_pairs for it in (p.chosen, p.rejected)]
+            stat, info = novelty_for_training(
+                model, self.loaded.tokenizer, manifest, train_items, [Item(**it) for it in ref_items],
+                cfg.novelty_lambda,
+            )  # fmt: skip
+            manifest = manifest.model_copy(update={"novelty": info})
+        return TrainResult(model, self.loaded.tokenizer, manifest, metrics, history, finished, novelty=stat)
 
 
 def mean_offdiag_corr(z: torch.Tensor) -> float:
@@ -354,6 +368,10 @@ def save_model(result: TrainResult, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     result.model.save_pretrained(dest, safe_serialization=True)
     result.tokenizer.save_pretrained(dest)
+    if result.novelty is not None:
+        from model_store.novelty import save_novelty
+
+        save_novelty(result.novelty, dest)
     result.manifest.write(dest)
     return dest
 

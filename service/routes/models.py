@@ -36,5 +36,6 @@ async def list_models(service: ScoringService = Depends(get_service)) -> ModelLi
         token_budget=info["token_budget"],
         max_batch_size=info["max_batch_size"],
         disagreement=info.get("disagreement"),
+        novelty=info.get("novelty"),
     )
     return ModelList(data=[card])

@@ -22,7 +22,15 @@ from service.runtime import ScoringService
 
 router = APIRouter(tags=["scoring"])
 
-_STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max", "std_percentile")
+_STAT_KEYS = (
+    "reward_std",
+    "reward_min",
+    "reward_mean",
+    "reward_max",
+    "std_percentile",
+    "novelty",
+    "novelty_percentile",
+)
 
 
 @router.post(
@@ -34,13 +42,14 @@ _STAT_KEYS = ("reward_std", "reward_min", "reward_mean", "reward_max", "std_perc
 async def score(
     body: ScoreRequest, request: Request, service: ScoringService = Depends(get_service)
 ) -> ScoreResponse:
-    agg = service.request_aggregation(body.aggregation, body.uwo_lambda)
+    agg = service.request_aggregation(body.aggregation, body.uwo_lambda, body.lcb_beta)
     scores = await service.score_items([it.to_item() for it in body.items], "items", request)
     results = [
         ScoreResult(
             reward=agg.apply(s),
             heads=list(s.rewards) if body.return_heads else None,
             std_percentile=service.std_percentile(s.std),
+            novelty_percentile=service.novelty_percentile(s.novelty),
             **s.summary(),
         )
         for s in scores
@@ -51,6 +60,7 @@ async def score(
         version=engine.version,
         aggregation=agg.name,
         uwo_lambda=agg.uwo_lambda if agg.kind == "uwo" else None,
+        lcb_beta=agg.lcb_beta if agg.kind == "lcb" else None,
         head_names=service.head_names,
         results=results,
         usage=Usage(
@@ -91,4 +101,10 @@ async def get_reward(
         pct = [service.std_percentile(s.std) for s in scores]
         if all(p is not None for p in pct):
             logs["std_percentile"] = [p for p in pct if p is not None]
+    if service.novelty is not None:  # same rule: a number per query, or the key is absent
+        us = [s.novelty for s in scores]
+        npct = [service.novelty_percentile(u) for u in us]
+        if all(u is not None for u in us) and all(p is not None for p in npct):
+            logs["novelty"] = [u for u in us if u is not None]
+            logs["novelty_percentile"] = [p for p in npct if p is not None]
     return GetRewardResponse(rewards=rewards, scores=rewards, extra_logs=logs)

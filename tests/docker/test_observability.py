@@ -56,15 +56,19 @@ def test_dashboard_is_well_formed() -> None:
 @pytest.fixture(scope="module")
 def engine_with_quantiles(tiny_engine):
     """The tiny model with disagreement quantiles fitted as training fits them (fit_quantiles over the
-    served stds of a reference set), so the drift-share panel has a p95 to count against."""
+    served stds of a reference set), so the drift-share panel has a p95 to count against, and a
+    novelty statistic fitted as `hydra-rm calibrate` fits it, so the novelty panels have data."""
     from dataclasses import replace
 
     from model_store.uncertainty import fit_quantiles
     from scoring.engine import Item, ScoringEngine
+    from training.calibrate import fit_for_engine
 
     ref = [Item(prompt=f"question {n}", response="an answer " * (1 + n % 7)) for n in range(200)]
     q = fit_quantiles([s.std for s in tiny_engine.score(ref)])
-    rm = replace(tiny_engine.rm, manifest=tiny_engine.manifest.model_copy(update={"disagreement": q}))
+    stat, info = fit_for_engine(tiny_engine, ref[:160], ref[160:])
+    manifest = tiny_engine.manifest.model_copy(update={"disagreement": q, "novelty": info})
+    rm = replace(tiny_engine.rm, manifest=manifest, novelty=stat)
     return ScoringEngine(rm, policy=tiny_engine.policy)
 
 
@@ -160,6 +164,14 @@ def test_drift_panel_is_a_share_of_the_scored_items(scraped: str) -> None:
     assert len(above) == 1  # the counter is exported (the model has quantiles) and was scraped
 
 
+def test_novelty_drift_panel_is_a_share_of_the_items_with_novelty(scraped: str) -> None:
+    (expr,) = [e for t, e in _panel_queries() if "Novelty drift" in t]
+    result = httpx.get(f"{scraped}/api/v1/query", params={"query": expr}).json()["data"]["result"]
+    assert len(result) == 1 and 0.0 <= float(result[0]["value"][1]) <= 1.0
+    # "word " * 80 is unlike the reference's "an answer ...": half the traffic is above the p95
+    assert float(result[0]["value"][1]) > 0.1
+
+
 def test_alert_rules_load_and_evaluate(scraped: str) -> None:
     deadline = time.monotonic() + 30
     while True:
@@ -169,7 +181,7 @@ def test_alert_rules_load_and_evaluate(scraped: str) -> None:
             break
         assert time.monotonic() < deadline, "rules were not evaluated"
         time.sleep(0.5)
-    assert len(rules) == 6
+    assert len(rules) == 7
     assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
     firing = {r["name"] for r in rules if r["state"] != "inactive"}
     assert "HydraRMDown" not in firing and "HydraRMNotReady" not in firing

@@ -48,7 +48,7 @@ def compile_job(job):
                 n, "fp32"
             )
         else:
-            sig[n] = "i32"
+            sig[n] = "fp32" if n == "resid" else "i32"
     consts = {
         "HAS_INDEX": job.get("has_index", True),
         "EVEN_H": job.get("even_h", True),
@@ -56,6 +56,10 @@ def compile_job(job):
         "BLOCK_B": cfg["BLOCK_B"],
         "BLOCK_H": cfg["BLOCK_H"],
         "BLOCK_K": cfg["BLOCK_K"],
+        # The novelty loop (u next to the heads) is compiled in only for models with a statistic.
+        "HAS_NOVELTY": job.get("novelty", False),
+        "HAS_RESID": job.get("resid", False),
+        "BLOCK_R": job.get("block_r", 16),
     }
     attrs = {}
     if job.get("specialise", True):

@@ -62,6 +62,27 @@ def _default_config_jobs() -> list[dict]:
     return list(jobs.values())
 
 
+def _novelty_jobs() -> list[dict]:
+    """The kernel with the novelty loop compiled in, at the blocks `launch_config(novelty=True)` picks."""
+    jobs = []
+    for (name, (arch, n_sm, smem)), k, x in itertools.product(TARGETS.items(), (16, 256), ("bf16", "fp32")):
+        cfg = mr.launch_config(
+            200_000, 4096, k, x_dtype=DTYPES[x], w_dtype=DTYPES[x], n_sm=n_sm, smem_bytes=smem, novelty=True
+        )
+        block_r = cfg.pop("BLOCK_R")
+        jobs.append({"arch": arch, "x": x, "w": x, "cfg": cfg, "limit": smem, "target": name,
+                     "novelty": True, "resid": k == 16, "block_r": block_r})  # fmt: skip
+    return jobs
+
+
+def test_novelty_configs_compile_and_fit_shared_memory():
+    jobs = _novelty_jobs()
+    for job, res in zip(jobs, _compile(jobs), strict=True):
+        assert res["shared"] <= job["limit"], (
+            f"{job['target']} {job['x']} {job['cfg']}: needs {res['shared']} B"
+        )
+
+
 def test_default_configs_compile_and_fit_shared_memory():
     jobs = _default_config_jobs()
     results = _compile(jobs)
