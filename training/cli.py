@@ -243,6 +243,35 @@ def overopt_pretrained(
     typer.echo(f"wrote {out / prefix}.md/.png/.json")
 
 
+@experiment_app.command("heads-pretrained")
+def heads_pretrained(
+    out: Annotated[Path, typer.Option(help="Directory for the table and raw JSON.")] = Path(
+        "docs/experiments"
+    ),
+    seed: Annotated[int, typer.Option(help="Data and training seed (use one no earlier run used).")] = 2026,
+    pairs: Annotated[int, typer.Option(min=8, help="Training pairs (+10% reference), clean labels.")] = 800,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Issue 17's table on fresh data: each recipe's accuracy, head correlation and detection AUROCs."""
+    import json as _json
+
+    from training.overopt_pretrained import TABLE_METHODS, PSetup, heads_table
+    from training.overopt_pretrained_report import heads_markdown
+    from training.toptrain import TrainHP
+
+    setup = PSetup(
+        seeds=[seed], methods=list(TABLE_METHODS), n_pairs=pairs, noise=0.0, hp=TrainHP(epochs=epochs)
+    )
+    results = heads_table(setup, log=typer.echo)
+    results["command"] = (
+        f"hydra-rm experiment heads-pretrained --seed {seed} --pairs {pairs} --epochs {epochs} --out {out}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "heads-pretrained.json").write_text(_json.dumps(results, indent=1) + "\n")
+    (out / "heads-pretrained.md").write_text(heads_markdown(results))
+    typer.echo(f"wrote {out / 'heads-pretrained.md'}")
+
+
 @experiment_app.command("toydata")
 def toydata(
     out: Annotated[Path, typer.Option(help="JSONL of {prompt, chosen, rejected} to write.")],

@@ -39,7 +39,11 @@ RECIPES = {
     "shard": Recipe("shard", diversity="shard"),
     "shard-blocks": Recipe("shard-blocks", diversity="shard", feature_blocks=True),
     "ensemble": Recipe("ensemble", heads=1, members=3),
+    "bootstrap": Recipe("bootstrap", diversity="bootstrap"),
+    "frozen-shard": Recipe("frozen-shard", diversity="shard", frozen=True),
+    "frozen-joint": Recipe("frozen-joint", diversity="joint", frozen=True),
 }
+TABLE_METHODS = ("shard", "bootstrap", "joint", "shard-blocks", "frozen-shard", "frozen-joint", "ensemble")
 
 
 @dataclass
@@ -206,45 +210,42 @@ def lcb(r: torch.Tensor, u: torch.Tensor, ref: list[int], beta: float) -> torch.
 
 
 def analyse(
-    members: list[MemberOut], data: SeedData, pool_idx: torch.Tensor, val_idx: torch.Tensor,
-    gold_pool: torch.Tensor, val_win: torch.Tensor, ns: list[int], exploit_pool: torch.Tensor,
+    members: list[MemberOut], data: SeedData, pool_idx: torch.Tensor | None = None,
+    val_idx: torch.Tensor | None = None, gold_pool: torch.Tensor | None = None,
+    val_win: torch.Tensor | None = None, ns: list[int] | None = None, exploit_pool: torch.Tensor | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Every number of one method on one seed; pool_idx / val_idx: [P, N] indices into the cache."""
+    """Every number of one method on one seed; pool_idx / val_idx: [P, N] indices into the cache (no
+    pools: held-out accuracy, correlation and detection only)."""
     r = torch.cat([m.rewards for m in members], dim=1)
     k = r.shape[1]
     std = r.std(1, correction=0) if k > 1 else None
-    val_ns = [n for n in ns if n >= 16]
-    # Hyperparameters on the validation pool only.
     us = {lam: u_scaled(members, data, lam) for lam in RIDGES}
-
-    def val_score(proxy: torch.Tensor) -> float:
-        return sum(best_of_n(proxy[val_idx], val_win, val_ns)) / len(val_ns)
-
-    best_lcb = max((val_score(lcb(r, us[lam], data.ref, b)), b, lam) for b in BETAS for lam in RIDGES)
-    _, beta, ridge = best_lcb
-    uwo_lam = max(UWO_LAMBDAS, key=lambda lam: val_score(aggregate(r, "uwo", lam))) if k > 1 else None
-    u = us[ridge]
     u1 = us[1.0]  # the spec's default ridge, for the detection AUROCs (fixed before any result)
     aggs: dict[str, torch.Tensor] = {"mean": aggregate(r, "mean")}
     if k > 1:
         aggs["min"] = aggregate(r, "min")
-        aggs["uwo"] = aggregate(r, "uwo", uwo_lam or 0.0)
-    aggs["lcb"] = lcb(r, u, data.ref, beta)
-    curves = {a: best_of_n(v[pool_idx], gold_pool, ns) for a, v in aggs.items()}
-    # P(the best-of-n pick is a negated-praise exploit), exactly, per n.
-    exploit_picked = {a: best_of_n(v[pool_idx], exploit_pool, ns) for a, v in aggs.items()}
+    out: dict[str, Any] = {"k": k, "beta": None, "ridge": None, "uwo_lambda": None}
+    if pool_idx is not None:  # hyperparameters on the validation pool only, then the evaluation pool
+        val_ns = [n for n in ns if n >= 16]
+
+        def val_score(proxy: torch.Tensor) -> float:
+            return sum(best_of_n(proxy[val_idx], val_win, val_ns)) / len(val_ns)
+
+        _, beta, ridge = max(
+            (val_score(lcb(r, us[lam], data.ref, b)), b, lam) for b in BETAS for lam in RIDGES
+        )
+        uwo_lam = max(UWO_LAMBDAS, key=lambda lam: val_score(aggregate(r, "uwo", lam))) if k > 1 else None
+        if k > 1:
+            aggs["uwo"] = aggregate(r, "uwo", uwo_lam or 0.0)
+        aggs["lcb"] = lcb(r, us[ridge], data.ref, beta)
+        out.update(beta=beta, ridge=ridge, uwo_lambda=uwo_lam)
+        out["curves"] = {a: best_of_n(v[pool_idx], gold_pool, ns) for a, v in aggs.items()}
+        # P(the best-of-n pick is a negated-praise exploit), exactly, per n.
+        out["exploit_picked"] = {a: best_of_n(v[pool_idx], exploit_pool, ns) for a, v in aggs.items()}
 
     # Held-out accuracy against gold labels (the held-out pairs are labelled by VADER without flips).
     c_idx = torch.tensor([p[0] for p in data.held_pairs])
     r_idx = torch.tensor([p[1] for p in data.held_pairs])
-    out: dict[str, Any] = {
-        "curves": curves,
-        "exploit_picked": exploit_picked,
-        "beta": beta,
-        "ridge": ridge,
-        "uwo_lambda": uwo_lam,
-        "k": k,
-    }
     out["accuracy"] = {
         a: float((aggs[a][c_idx] > aggs[a][r_idx]).double().mean()) for a in aggs if a != "lcb"
     }
@@ -270,6 +271,9 @@ def analyse(
             both = torch.cat([held, sk])
             lab = torch.cat([torch.zeros(len(held), dtype=torch.bool), torch.ones(len(sk), dtype=torch.bool)])
             d[f"shift_{kd}"] = auroc(s[both], lab)
+        det[name] = d
+        if pool_idx is None:
+            continue
         # Best-of-n picks: the top pool_size/128 items per prompt by the method's mean reward (what
         # best-of-n at n >= 128 picks) vs every pool item.
         proxy = mean_r[pool_idx]
@@ -353,3 +357,33 @@ def summary(setup: PSetup, ns: list[int], gold_pool: torch.Tensor, exploit_pool:
         "seconds": time.perf_counter() - t_start,
         "recipes": {m: RECIPES[m].__dict__ for m in setup.methods},
     }
+
+
+def heads_table(setup: PSetup, log: Any = print) -> dict[str, Any]:
+    """Issue 17's table on fresh data: accuracy, head correlation and detection AUROCs per recipe
+    (no pools), seeds as given."""
+    from model_store.store import ModelStore
+
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="hydra-pt-") as tmp:
+        trunk = load_trunk(setup.frozen_layers, ModelStore(Path(tmp) / "store"))
+    per_seed: dict[str, Any] = {}
+    for seed in setup.seeds:
+        data = SeedData(setup, seed)
+        cache = trunk.cache(data.texts)
+        res: dict[str, Any] = {}
+        for method in setup.methods:
+            recipe = RECIPES[method]
+            members = [
+                run_member(trunk, cache, data, recipe, setup.hp, seed * 1000 + 1 + j)
+                for j in range(recipe.members)
+            ]
+            res[method] = analyse(members, data)
+            log(f"seed {seed} {method}: {res[method]['accuracy']} corr {res[method]['head_corr']}"
+                f" ({time.perf_counter() - t_start:.0f}s)")  # fmt: skip
+        per_seed[str(seed)] = res
+    return {"setup": {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in setup.__dict__.items()},
+            "per_seed": per_seed, "seconds": time.perf_counter() - t_start}  # fmt: skip

@@ -118,6 +118,38 @@ def tables(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def heads_markdown(results: dict[str, Any]) -> str:
+    """One row per recipe (one seed): the columns of issue 17's table plus u beside the head std."""
+    (seed, res), *_ = results["per_seed"].items()
+    lines = [f"Command: `{results['command']}` (data seed {seed}, single seed)", ""]
+    lines.append(
+        "| recipe | held-out acc (min agg.) | (mean agg.) | mean head corr | std: shift AUROC | u: shift AUROC "
+        "| std: misranked AUROC | u: misranked AUROC | errors | train s |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+
+    def f(x: Any, d: int = 2) -> str:
+        return "-" if x is None else f"{x:.{d}f}"
+
+    for m, r in res.items():
+        std, u = r["detect"].get("std", {}), r["detect"]["u"]
+        lines.append(
+            f"| {m} | {f(r['accuracy'].get('min'), 3)} | {f(r['accuracy']['mean'], 3)} | {f(r['head_corr'], 4)} "
+            f"| {f(std.get('shift'))} | {f(u['shift'])} | {f(std.get('misranked'))} | {f(u['misranked'])} "
+            f"| {r['errors']} | {r['train_seconds']:.0f} |"
+        )
+    lines += ["", "Shift AUROC by kind (std / u):", "", "| recipe | " + " | ".join(KINDS) + " |"]
+    lines.append("|---|" + "---|" * len(KINDS))
+    for m, r in res.items():
+        std, u = r["detect"].get("std", {}), r["detect"]["u"]
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{f(std.get(f'shift_{k}'))} / {f(u[f'shift_{k}'])}" for k in KINDS)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict[str, Any], path: Path) -> Path:
     import matplotlib
 

@@ -112,6 +112,7 @@ class Recipe:
     decorrelation: float = 0.0
     head_init_std: float = 0.02
     members: int = 1  # > 1: that many separately trained single-head models (heads must be 1)
+    frozen: bool = False  # train the heads only (the trunk's top stays pretrained)
 
 
 @dataclass
@@ -140,13 +141,12 @@ def train_top(
         top.classifier.weight.register_hook(lambda g: g * mask)
     w = head_weights(recipe.diversity, len(pairs), k, seed)
     wmean = w.mean(0)
-    opt = torch.optim.AdamW(
-        [
-            {"params": list(top.classifier.parameters()), "lr": hp.lr_heads},
-            {"params": list(top.layers.parameters()) + list(top.pooler.parameters()), "lr": hp.lr_top},
-        ],
-        weight_decay=0.0,
-    )
+    groups = [{"params": list(top.classifier.parameters()), "lr": hp.lr_heads}]
+    if not recipe.frozen:
+        groups.append(
+            {"params": list(top.layers.parameters()) + list(top.pooler.parameters()), "lr": hp.lr_top}
+        )
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     top.train()
     n = len(pairs)
     for epoch in range(hp.epochs):
