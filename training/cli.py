@@ -262,13 +262,17 @@ def heads_pretrained(
     setup = PSetup(
         seeds=[seed], methods=list(TABLE_METHODS), n_pairs=pairs, noise=0.0, hp=TrainHP(epochs=epochs)
     )
-    results = heads_table(setup, log=typer.echo)
-    results["command"] = (
+    command = (
         f"hydra-rm experiment heads-pretrained --seed {seed} --pairs {pairs} --epochs {epochs} --out {out}"
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "heads-pretrained.json").write_text(_json.dumps(results, indent=1) + "\n")
-    (out / "heads-pretrained.md").write_text(heads_markdown(results))
+
+    def save(results: dict) -> None:
+        results["command"] = command
+        (out / "heads-pretrained.json").write_text(_json.dumps(results, indent=1) + "\n")
+        (out / "heads-pretrained.md").write_text(heads_markdown(results))
+
+    save(heads_table(setup, log=typer.echo, on_method=save))
     typer.echo(f"wrote {out / 'heads-pretrained.md'}")
 
 

