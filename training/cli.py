@@ -215,6 +215,7 @@ def overopt_pretrained(
     if quick:
         setup = PSetup(
             seeds=[first_seed], methods=names, n_pairs=48, n_heldout=32, n_shift=8, pool_size=64, n_prompts=2,
+            val_pool_size=32,
             val_prompts=2, frozen_layers=5, hp=TrainHP(epochs=1, batch_size=16), exploit_share=0.05,
         )  # fmt: skip
     else:

@@ -226,7 +226,7 @@ def analyse(
         aggs["min"] = aggregate(r, "min")
     out: dict[str, Any] = {"k": k, "beta": None, "ridge": None, "uwo_lambda": None}
     if pool_idx is not None:  # hyperparameters on the validation pool only, then the evaluation pool
-        val_ns = [n for n in ns if n >= 16]
+        val_ns = [n for n in ns if 16 <= n <= val_idx.shape[1]]  # the validation pool may be smaller
 
         def val_score(proxy: torch.Tensor) -> float:
             return sum(best_of_n(proxy[val_idx], val_win, val_ns)) / len(val_ns)

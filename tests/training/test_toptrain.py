@@ -100,5 +100,8 @@ def test_default_recipe_heads_on_minilm_correlate_below_joint(store):
     }.items():
         cfg = TrainConfig(heads=3, epochs=1, batch_size=16, lr_heads=1e-2, seed=0, progress=False, cpu=True,
                           reference_fraction=0.34, **kw)  # fmt: skip
-        corr[name] = Trainer(cfg, pairs, src, store).run().metrics["reference_head_correlation"]
+        res = Trainer(cfg, pairs, src, store).run()
+        corr[name] = res.metrics["reference_head_correlation"]
     assert corr["default"] < corr["joint"], corr
+    w = res.model.classifier.weight  # the default's heads: zero outside their blocks, one K-way linear layer
+    assert torch.all(w[feature_block_mask(3, w.shape[1], 0) == 0] == 0) and w.shape == (3, 384)
