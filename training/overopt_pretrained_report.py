@@ -44,7 +44,7 @@ Setup (per seed s; all offline):
   random order), `praise` (a subject then repeated superlatives and "!"); (c) best-of-n picks (top
   pool/128 per prompt by the mean reward) vs all pool items; and the Spearman correlation of the signal
   with (proxy z - gold z) on those picks. u here uses the spec's default ridge 1.0 (fixed in advance).
-- Seeds: {seeds} ({seed_list}); single seeds are run side by side as separate processes and merged.
+- Seeds: {seeds} ({seed_list}): what finished in the time this machine gave (see the notes); s.e. needs >= 2.
 """
 
 
@@ -249,7 +249,9 @@ if __name__ == "__main__":  # python -m training.overopt_pretrained_report OUT_D
     merged = merge([Path(p) for p in parts])
     cmds = "\n".join(f"- `{c}`" for c in merged["commands"])
     header = preamble(merged) + (
-        "\nCommands (seed ranges run side by side, then merged with "
+        f"\nCommand: {cmds[2:]} (this file: `python -m training.overopt_pretrained_report {out_dir} RESULT.json`)"
+        if len(parts) == 1
+        else "\nCommands (seed ranges run side by side, then merged with "
         f"`python -m training.overopt_pretrained_report {out_dir} {' '.join(parts)}`):\n{cmds}"
     )
     for p in write_results(merged, Path(out_dir), "overopt-pretrained", header):
