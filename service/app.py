@@ -56,6 +56,9 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
             yield
         finally:
             await service.stop()
+            close = getattr(eng, "close", None)
+            if engine is None and close is not None:  # an engine we built (vLLM: stop its server)
+                await asyncio.to_thread(close)
 
     docs = settings.resolved_docs()
     shown = docs != "off"

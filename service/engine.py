@@ -20,6 +20,7 @@ from torch import nn
 from kernels import multihead_reward
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
+from model_store.manifest import HeadNormalization
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
 from service.batching import BatchPolicy
 from service.prefix import PrefixScorer
@@ -83,6 +84,23 @@ def _resolve_head(model: nn.Module, pooling: str) -> _Head:
         f"unsupported architecture {type(model).__name__}: hydra-rm needs a sequence-classification model "
         "whose head is `score` (decoders), `classifier` (BERT/DeBERTa) or `classifier.out_proj` (RoBERTa)"
     )
+
+
+def fold_heads(
+    weight: torch.Tensor, bias: torch.Tensor | None, normalization: HeadNormalization | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold per-head normalisation into head weights once, in fp32: (Wx + b - mu) / sigma.
+
+    The one definition of per-head normalisation: the torch engine folds it into the model's head;
+    the vLLM engine, which gets the K raw logits, folds it into an identity head."""
+    w = weight.detach().to(torch.float32)
+    b = bias.detach().to(torch.float32) if bias is not None else torch.zeros(w.shape[0], device=w.device)
+    if normalization is not None:
+        mean = torch.tensor(normalization.mean, dtype=torch.float32, device=w.device)
+        std = torch.tensor(normalization.std, dtype=torch.float32, device=w.device)
+        w = w / std[:, None]
+        b = (b - mean) / std
+    return w, b
 
 
 def _allow_tf32() -> None:
@@ -167,16 +185,7 @@ class ScoringEngine:
         return list(self.manifest.head_names)
 
     def _fold_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold per-head normalisation into the head weights once: (Wx + b - mu) / sigma."""
-        w = self.head.linear.weight.detach().to(torch.float32)
-        b = self.head.linear.bias
-        b = b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0], device=w.device)
-        norm = self.manifest.normalization
-        if norm is not None:
-            mean = torch.tensor(norm.mean, dtype=torch.float32, device=w.device)
-            std = torch.tensor(norm.std, dtype=torch.float32, device=w.device)
-            w = w / std[:, None]
-            b = (b - mean) / std
+        w, b = fold_heads(self.head.linear.weight, self.head.linear.bias, self.manifest.normalization)
         # Half-precision encoders keep half-precision head weights (exact when nothing was folded):
         # with both kernel operands in bf16/fp16 the Triton kernel can use tensor cores.
         model_dtype = self.head.linear.weight.dtype

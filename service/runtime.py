@@ -59,6 +59,11 @@ class ScoringService:
         self.head_names = engine.head_names
         # The reference-split std quantiles stored at training time (None: percentiles are null).
         self.quantiles: DisagreementQuantiles | None = engine.manifest.disagreement
+        overlap = getattr(engine, "concurrent_forwards", 1)
+        if overlap > 1:  # its forward waits on another process (vLLM): the queued-ahead batch runs beside
+            if torch_thread is not None:
+                torch_thread.shutdown(wait=False)
+            torch_thread = ThreadPoolExecutor(max_workers=overlap, thread_name_prefix="hydra-rm-forward")
         self.batcher = Batcher(
             engine.forward,
             engine.policy,

@@ -34,7 +34,8 @@ async def readyz(request: Request) -> Readiness | JSONResponse:
     name = f"{service.engine.rm.name}:{service.engine.rm.version}"
     if service.draining:
         return JSONResponse(Readiness(status="draining", model=name).model_dump(), status_code=503)
-    if not service.batcher.alive:  # no worker: every request would time out, so take us out of rotation
+    if not service.batcher.alive or not getattr(service.engine, "alive", True):
+        # No worker (or the vLLM engine's server died): every request would fail, so leave rotation.
         return JSONResponse(Readiness(status="broken", model=name).model_dump(), status_code=503)
     return Readiness(status="ready", model=name)
 
