@@ -24,6 +24,13 @@ class Settings(BaseSettings):
         description="Model to serve: store name (`name` or `name:version`), local directory, or hub id "
         "(`org/name`). Empty: the embedded default model.",
     )
+    models: str | None = Field(
+        default=None,
+        description="Several models in one server: comma-separated specs as for `HYDRA_RM_MODEL` (e.g. "
+        "`helpful:v3,safety:v1`); the first is the default. Requests choose one by `model` "
+        "(`/v1/score`) or by path (`/models/{name}/get_reward`); each model has its own queue and "
+        "engine, and its metrics carry its name. Overrides `HYDRA_RM_MODEL`.",
+    )
     store_root: Path = Field(
         default_factory=default_store_root, description="Root directory of the model store."
     )
@@ -213,6 +220,18 @@ class Settings(BaseSettings):
         if self.docs == "auth" and not self.api_keys:
             raise ValueError("docs=auth needs API keys (HYDRA_RM_API_KEYS); use public or off without them")
         return self
+
+    def model_specs(self) -> list[str | None]:
+        """The models to serve, the default first (`None`: the embedded default model)."""
+        if self.models:
+            specs = [m.strip() for m in self.models.split(",") if m.strip()]
+            if specs:
+                return list(specs)
+        return [self.model]
+
+    def for_model(self, spec: str | None) -> Settings:
+        """These settings serving one of `model_specs()` (what build_engine loads)."""
+        return self.model_copy(update={"model": spec, "models": None})
 
     def resolved_device(self) -> str:
         import torch

