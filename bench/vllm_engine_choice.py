@@ -66,6 +66,10 @@ def prepare(out: Path, rounds: int) -> None:
     manifest.write(model_dir)
     engine = ScoringEngine(load_reward_model(str(model_dir), ModelStore(out / "store")))
     tok = engine.tokenizer
+    # The hidden-state variant serves the trunk alone (hydra-rm would hold the heads): vLLM's embed
+    # runner refuses a checkpoint with a `score` layer it does not use.
+    engine.model.base_model.save_pretrained(out / "trunk", safe_serialization=True)
+    tok.save_pretrained(out / "trunk")
     work: dict[str, list[list[list[int]]]] = {"grpo": [], "distinct": []}
     for r in range(rounds + 1):  # round 0 warms up
         for name, shared, prompts, group in (("grpo", True, 24, 8), ("distinct", False, 192, 1)):
@@ -125,7 +129,9 @@ def measure(work_file: Path, rounds: int, out_md: Path) -> None:
     ports = {"child_classify": 18811, "child_embed": 18812}
     procs = {
         "child_classify": _server(model, ports["child_classify"], "classify", tmp / "classify.log"),
-        "child_embed": _server(model, ports["child_embed"], "embed", tmp / "embed.log"),
+        "child_embed": _server(
+            str(Path(model).parent / "trunk"), ports["child_embed"], "embed", tmp / "embed.log"
+        ),
     }
     try:
         _measure(procs, ports, model, work, data, w_score, rounds, out_md)

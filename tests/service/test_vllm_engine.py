@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,38 @@ def test_metrics_count_the_items_and_the_disagreement(engine: Any) -> None:
     assert metric_value(text, "hydra_rm_items_scored_total") >= 5
     assert metric_value(text, "hydra_rm_head_disagreement_count") >= 5
     assert metric_value(text, "hydra_rm_requests_total", {"endpoint": "/v1/score", "status": "200"}) == 1
+
+
+# -- a real `hydra-rm serve` process on the vLLM engine ---------------------------------------------
+@needs_vllm
+def test_sigterm_drains_then_stops_the_vllm_server(
+    model_dir: Path, torch_engine: Any, tmp_path: Path
+) -> None:
+    import psutil
+
+    from tests.service.test_server import start_server
+
+    env = {"HYDRA_RM_ENGINE": "vllm", "HYDRA_RM_MAX_BATCH_SIZE": "2", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc, url = start_server(tmp_path, "--model", str(model_dir), **env)
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("vllm_child.py" in " ".join(c.cmdline()) for c in children)
+        texts = [f"request {i}: " + "lorem ipsum dolor sit amet " * (10 + i) for i in range(24)]
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+                tasks = [asyncio.ensure_future(c.post("/get_reward", json={"query": [t]})) for t in texts]
+                await asyncio.sleep(0.3)  # received and queued, most not yet scored
+                os.kill(proc.pid, signal.SIGTERM)
+                return await asyncio.gather(*tasks)
+
+        responses = asyncio.run(burst())
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    expected = [s.min for s in torch_engine.score([Item(text=t) for t in texts])]
+    assert [r.status_code for r in responses] == [200] * len(texts)
+    assert [r.json()["rewards"][0] for r in responses] == pytest.approx(expected, abs=1e-4)
+    gone = psutil.wait_procs(children, timeout=30)[1]
+    assert not gone, f"vLLM processes left running after the server exited: {[p.pid for p in gone]}"
