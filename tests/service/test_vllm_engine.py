@@ -270,7 +270,8 @@ def test_sigterm_drains_then_stops_the_vllm_server(
     from tests.service.test_server import start_server
 
     env = {"HYDRA_RM_ENGINE": "vllm", "HYDRA_RM_MAX_BATCH_SIZE": "2", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc, url = start_server(tmp_path, "--model", str(model_dir), **env)
+    # vLLM's start: 30-45 s on a quiet 2-core CPU, minutes on a busy one.
+    proc, url = start_server(tmp_path, "--model", str(model_dir), ready_timeout_s=1200, **env)
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
         assert any("vllm_child.py" in " ".join(c.cmdline()) for c in children)
