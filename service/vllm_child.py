@@ -1,38 +1,43 @@
 """Launcher of the managed vLLM server, run by *vLLM's* interpreter (it imports nothing of hydra-rm).
 
-`python service/vllm_child.py <api_server args>` starts a watchdog thread and then runs
-`vllm.entrypoints.openai.api_server` in this same process. The watchdog ends the child's whole
-process group (the API server and its engine-core workers) as soon as its parent is gone, so a
-hydra-rm killed with SIGKILL (no atexit, no lifespan) never leaves a vLLM server holding the
-accelerator. prctl(PR_SET_PDEATHSIG) would not do: it fires when the parent *thread* exits, and
-hydra-rm starts the child from its forward thread.
+`python service/vllm_child.py <api_server args>` starts `vllm.entrypoints.openai.api_server` as its
+own child and watches two things: the server exiting (the launcher exits with its status) and
+hydra-rm going away (the launcher then ends its whole process group: the API server and its
+engine-core workers), so a hydra-rm killed with SIGKILL never leaves a vLLM server holding the
+accelerator. It is a separate small process on purpose: a watchdog thread inside the API server
+never ran while vLLM's main thread held the GIL starting up (seen here: the server outlived its
+parent by minutes), and prctl(PR_SET_PDEATHSIG) fires when the parent *thread* exits, while
+hydra-rm starts the child from a forward thread that may end before the server should.
 """
 
 from __future__ import annotations
 
 import os
-import runpy
 import signal
+import subprocess
 import sys
-import threading
-import time
 
 POLL_S = 0.5
 GRACE_S = 10.0
 
 
-def _watch(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(POLL_S)
-    os.killpg(0, signal.SIGTERM)  # the server shuts its engine core down on SIGTERM
-    time.sleep(GRACE_S)
-    os.killpg(0, signal.SIGKILL)
-
-
 def main() -> None:
-    threading.Thread(target=_watch, args=(os.getppid(),), name="hydra-rm-parent-watch", daemon=True).start()
-    sys.argv = ["vllm.entrypoints.openai.api_server", *sys.argv[1:]]
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+    parent = os.getppid()
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", *sys.argv[1:]])
+    # hydra-rm stops the server by signalling the whole group: the server gets the SIGTERM too, and
+    # this launcher waits for it to finish shutting down instead of dying first.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    while True:
+        try:
+            sys.exit(server.wait(timeout=POLL_S))
+        except subprocess.TimeoutExpired:
+            pass
+        if os.getppid() != parent:  # hydra-rm is gone: take the server and its workers down
+            os.killpg(0, signal.SIGTERM)
+            try:
+                server.wait(timeout=GRACE_S)
+            finally:
+                os.killpg(0, signal.SIGKILL)
 
 
 if __name__ == "__main__":

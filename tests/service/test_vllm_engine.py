@@ -294,3 +294,40 @@ def test_sigterm_drains_then_stops_the_vllm_server(
     assert [r.json()["rewards"][0] for r in responses] == pytest.approx(expected, abs=1e-4)
     gone = psutil.wait_procs(children, timeout=30)[1]
     assert not gone, f"vLLM processes left running after the server exited: {[p.pid for p in gone]}"
+
+
+def test_the_launcher_takes_the_server_down_when_hydra_rm_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of hydra-rm (no atexit, no lifespan): the launcher ends the server's process group.
+    A stand-in `vllm.entrypoints.openai.api_server` that only sleeps plays the server, so this runs
+    without vLLM."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from service.vllm_engine import LAUNCHER
+
+    pkg = tmp_path / "vllm" / "entrypoints" / "openai"
+    pkg.mkdir(parents=True)
+    for d in (tmp_path / "vllm", tmp_path / "vllm" / "entrypoints", pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "api_server.py").write_text("import time\ntime.sleep(600)\n")
+    parent_code = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, {str(LAUNCHER)!r}, '--model', 'x'], start_new_session=True)\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env, stdout=subprocess.PIPE)
+    launcher = psutil.Process(int(parent.stdout.readline()))
+    deadline = time.monotonic() + 60
+    while not launcher.children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    group = [launcher, *launcher.children(recursive=True)]
+    assert any("api_server" in " ".join(p.cmdline()) for p in group[1:])
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(group, timeout=30)
+    assert not alive, f"left running after hydra-rm was killed: {[p.pid for p in alive]}"
