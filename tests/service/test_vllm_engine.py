@@ -267,6 +267,7 @@ def test_sigterm_drains_then_stops_the_vllm_server(
 ) -> None:
     import psutil
 
+    from tests.service.conftest import metric_value
     from tests.service.test_server import start_server
 
     env = {"HYDRA_RM_ENGINE": "vllm", "HYDRA_RM_MAX_BATCH_SIZE": "2", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -280,7 +281,13 @@ def test_sigterm_drains_then_stops_the_vllm_server(
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=300) as c:
                 tasks = [asyncio.ensure_future(c.post("/get_reward", json={"query": [t]})) for t in texts]
-                await asyncio.sleep(0.3)  # received and queued, most not yet scored
+                while True:  # every request received (in flight or answered) before the SIGTERM
+                    text = (await c.get("/metrics")).text
+                    seen = metric_value(text, "hydra_rm_requests_in_flight", {"endpoint": "/get_reward"})
+                    seen += metric_value(text, "hydra_rm_requests_total", {"endpoint": "/get_reward"})
+                    if seen >= len(texts):
+                        break
+                    await asyncio.sleep(0.05)
                 os.kill(proc.pid, signal.SIGTERM)
                 return await asyncio.gather(*tasks)
 
