@@ -115,11 +115,14 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
         if service is None:  # not started yet: do not cache the generic version
             app.openapi_schema = None
             return schema
+        services = app.state.services
         _specialise(
-            schema,
-            max(s.engine.num_heads for s in app.state.services.values()),
-            settings.max_items_per_request,
+            schema, max(s.engine.num_heads for s in services.values()), settings.max_items_per_request
         )
+        path = schema.get("paths", {}).get("/models/{name}/get_reward", {}).get("post", {})
+        for param in path.get("parameters", []):
+            if param.get("name") == "name":  # this server's model names, not any string
+                param["schema"]["enum"] = list(services)
         return schema
 
     app.openapi = served_openapi  # type: ignore[method-assign]
