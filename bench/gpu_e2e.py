@@ -26,6 +26,7 @@ import inspect
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -239,11 +240,21 @@ def prefix_sharing(rm: RewardModel, policy: BatchPolicy, texts: list[str], repea
 
 # -- service end to end -----------------------------------------------------------------------------
 def service_e2e(
-    model_dir: Path, texts: list[str], tokens: int, clients: int, device: str, dtype: str, sharing: bool
+    model_dir: Path,
+    texts: list[str],
+    tokens: int,
+    clients: int,
+    device: str,
+    dtype: str,
+    sharing: bool,
+    engine: str = "torch",
+    tp: int = 1,
 ) -> list[Row]:
+    """`hydra-rm serve` at `clients` closed-loop clients; on the vLLM engine (HYDRA_RM_ENGINE=vllm)
+    "sharing" is vLLM's prefix caching (HYDRA_RM_PREFIX_SHARING turns it on and off)."""
     bodies = [{"query": [t], "prompts": [""], "labels": [None]} for t in texts]
     rows = []
-    for mode in ("off", "auto") if sharing else (None,):
+    for mode in ("off", "auto") if sharing or engine == "vllm" else (None,):
         env = dict(
             os.environ,
             PYTHONPATH=str(ROOT),
@@ -251,6 +262,8 @@ def service_e2e(
             HYDRA_RM_DTYPE=dtype,
             HYDRA_RM_STORE_ROOT=str(model_dir.parent / "store"),
             HYDRA_RM_LOG_LEVEL="warning",
+            HYDRA_RM_ENGINE=engine,
+            HYDRA_RM_VLLM_TENSOR_PARALLEL_SIZE=str(tp),
         )
         if mode is not None:
             env["HYDRA_RM_PREFIX_SHARING"] = mode
@@ -265,11 +278,12 @@ def service_e2e(
             stop(proc, wait_s=60)
         if res.errors:
             raise RuntimeError(f"{res.errors} requests failed in the service run")
-        name = f"{clients} clients, /get_reward x1" + (f", sharing {mode}" if mode else "")
+        what = "vLLM prefix caching" if engine == "vllm" else "sharing"
+        name = f"{clients} clients, /get_reward x1" + (f", {what} {mode}" if mode else "")
         secs = len(bodies) / res.items_per_s
         rows.append(
             Row(
-                "service end to end",
+                "service end to end" if engine == "torch" else f"service end to end, vLLM engine (tp={tp})",
                 f"{name} (p50 {res.p50_ms:.0f} ms, p99 {res.p99_ms:.0f} ms)",
                 len(bodies),
                 tokens,
@@ -278,6 +292,41 @@ def service_e2e(
             )
         )
     return rows
+
+
+def raw_vllm_e2e(model_dir: Path, texts: list[str], tokens: int, clients: int, dtype: str, tp: int) -> Row:
+    """Raw vLLM `/classify` on the same checkpoint, started as hydra-rm starts its child: the ceiling
+    the vLLM engine is measured against (issue 19's goal: >= 0.95x)."""
+    from scoring.vllm_engine import LAUNCHER, find_vllm_python
+
+    port = free_port()
+    cmd = [
+        str(find_vllm_python(None)), str(LAUNCHER), "--model", str(model_dir), "--served-model-name", "rm",
+        "--host", "127.0.0.1", "--port", str(port), "--runner", "pooling", "--convert", "classify",
+        "--pooler-config", '{"use_activation": false}', "--dtype", dtype, "--tensor-parallel-size", str(tp),
+        "--enable-prefix-caching", "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 1800
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("raw vLLM did not start")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        bodies = [{"model": "rm", "input": [t]} for t in texts]
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(drive(url, "/classify", bodies[:clients], 1, clients))
+        res = asyncio.run(drive(url, "/classify", bodies, len(bodies), clients))
+    finally:
+        stop(proc, wait_s=60)
+    name = f"{clients} clients, /classify x1, prefix caching on (p50 {res.p50_ms:.0f} ms, p99 {res.p99_ms:.0f} ms)"
+    return Row(f"raw vLLM (tp={tp})", name, len(bodies), tokens, tokens, len(bodies) / res.items_per_s)
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -315,6 +364,13 @@ def main() -> None:
         "--repeats", type=int, default=None, help="timed runs per cell, best kept (default 2; --small 1)"
     )
     ap.add_argument("--no-service", action="store_true", help="skip the end-to-end service section")
+    ap.add_argument(
+        "--engines",
+        default="torch",
+        help="service engines to run, comma-separated: torch, vllm (HYDRA_RM_ENGINE; vllm also runs raw "
+        "vLLM /classify beside it; needs `make vllm-env` with vLLM's CUDA build there)",
+    )
+    ap.add_argument("--tp", type=int, default=1, help="vLLM tensor-parallel size (GPUs) for the vllm rows")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -374,9 +430,23 @@ def main() -> None:
         if on_cuda:
             torch.cuda.empty_cache()  # the service process loads its own copy
         dev_name, dt_name = ("cuda", "bfloat16") if on_cuda else ("cpu", "float32")
-        rows += service_e2e(tmp / "model", grpo, grpo_tokens, args.clients, dev_name, dt_name, sharing)
+        n_before = len(rows)
+        for eng in args.engines.split(","):
+            rows += service_e2e(
+                tmp / "model",
+                grpo,
+                grpo_tokens,
+                args.clients,
+                dev_name,
+                dt_name,
+                sharing,
+                eng.strip(),
+                args.tp,
+            )
+            if eng.strip() == "vllm":
+                rows.append(raw_vllm_e2e(tmp / "model", grpo, grpo_tokens, args.clients, dt_name, args.tp))
         notes.append(f"- service: the GRPO items, one per request; checkpoint saved in {save_s:.1f}s.")
-        for r in rows[-(2 if sharing else 1) :]:
+        for r in rows[n_before:]:
             print(f"{r.section:22s} {r.schedule:36s} {r.items_per_s:8.2f} items/s", flush=True)
 
     gpu = torch.cuda.get_device_name(device) if on_cuda else "cpu"
@@ -389,6 +459,8 @@ def main() -> None:
     except ImportError:
         triton_v = "not installed"
     cmd = "python bench/gpu_e2e.py" + (" --small" if args.small else "")
+    if args.engines != "torch":
+        cmd += f" --engines {args.engines} --tp {args.tp}"
     meta = {
         "device": f"{gpu} ({'bf16' if on_cuda else 'fp32'})",
         "shape": ", ".join(f"{k}={v}" for k, v in shape.items() if v is not None) + f", K={K}",

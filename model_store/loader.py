@@ -98,19 +98,17 @@ def default_max_length(config: Any, tokenizer: Any, cap: int = 8192) -> int:
     return max(8, min(limit, cap))
 
 
-def load_reward_model(
+def verified_source(
     spec: str | None,
     store: ModelStore,
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
     verify: bool = True,
-) -> RewardModel:
-    """Load and verify; raises a ModelStoreError subclass with a message meant for an operator."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
+) -> tuple[Path, str, str, RewardManifest | None]:
+    """Resolve a spec to a checked directory (no pickles unless allowed, checksums, no custom code
+    unless trusted) without loading any weights: (path, name, version, manifest). The torch engine
+    loads from it; the vLLM engine hands the directory to vLLM."""
     path, name, version, from_store = resolve_source(
         spec, store, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
@@ -128,6 +126,25 @@ def load_reward_model(
         raise UnsafeModel(
             f"{path} needs custom code (config auto_map); set HYDRA_RM_TRUST_REMOTE_CODE=true if you trust it"
         )
+    return path, name, version, manifest
+
+
+def load_reward_model(
+    spec: str | None,
+    store: ModelStore,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> RewardModel:
+    """Load and verify; raises a ModelStoreError subclass with a message meant for an operator."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path, name, version, manifest = verified_source(
+        spec, store, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify
+    )
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         load_kw: dict[str, Any] = dict(

@@ -398,3 +398,16 @@ def _isolate(
             log.exception("batch observer failed")
     for i, s in zip(live, scores, strict=True):
         out[i] = s
+
+
+def score_planned(
+    forward: Callable[[Sequence[EncodedItem]], list[ItemScore]],
+    policy: BatchPolicy,
+    encoded: Sequence[EncodedItem],
+) -> list[ItemScore]:
+    """Score `encoded` in batches planned by `policy`, results in input order (every engine's `score`)."""
+    results: list[ItemScore | None] = [None] * len(encoded)
+    for idxs in policy.plan_items(encoded):
+        for i, s in zip(idxs, forward([encoded[i] for i in idxs]), strict=True):
+            results[i] = s
+    return results  # type: ignore[return-value]

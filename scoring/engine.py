@@ -21,7 +21,7 @@ from kernels import NoveltyTensors
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
-from scoring.batching import BatchPolicy
+from scoring.batching import BatchPolicy, score_planned
 from scoring.heads import HeadForward, allow_tf32, resolve_head
 from scoring.prefix import PrefixScorer
 from scoring.results import ItemScore
@@ -169,11 +169,7 @@ class ScoringEngine:
 
     def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
         """Batches planned by `self.policy`; results in input order."""
-        results: list[ItemScore | None] = [None] * len(encoded)
-        for idxs in self.policy.plan_items(encoded):
-            for i, s in zip(idxs, self.forward([encoded[i] for i in idxs]), strict=True):
-                results[i] = s
-        return results  # type: ignore[return-value]
+        return score_planned(self.forward, self.policy, encoded)
 
     def score(self, items: Iterable[Item]) -> list[ItemScore]:
         return self.score_encoded([self.encode(it) for it in items])

@@ -17,7 +17,7 @@ from torch import nn
 
 from kernels import NoveltyTensors, ScoredRows, multihead_reward, multihead_reward_novelty
 from model_store.errors import ModelStoreError
-from model_store.manifest import RewardManifest
+from model_store.manifest import HeadNormalization, RewardManifest
 from model_store.tokenization import EncodedItem
 from scoring.results import ItemScore
 
@@ -67,17 +67,26 @@ def allow_tf32() -> None:
     log.info("CUDA engine: TF32 matmuls allowed for fp32 weights")
 
 
-def fold_heads(head: Head, manifest: RewardManifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold per-head normalisation into the head weights once: (Wx + b - mu) / sigma."""
-    w = head.linear.weight.detach().to(torch.float32)
-    b = head.linear.bias
-    b = b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0], device=w.device)
-    norm = manifest.normalization
-    if norm is not None:
-        mean = torch.tensor(norm.mean, dtype=torch.float32, device=w.device)
-        std = torch.tensor(norm.std, dtype=torch.float32, device=w.device)
+def fold_normalization(
+    weight: torch.Tensor, bias: torch.Tensor | None, normalization: HeadNormalization | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold per-head normalisation into head weights once, in fp32: (Wx + b - mu) / sigma.
+
+    The one definition of per-head normalisation: the torch engine folds it into the model's head; the
+    vLLM engine, which gets the K raw logits, folds it into an identity head."""
+    w = weight.detach().to(torch.float32)
+    b = bias.detach().to(torch.float32) if bias is not None else torch.zeros(w.shape[0], device=w.device)
+    if normalization is not None:
+        mean = torch.tensor(normalization.mean, dtype=torch.float32, device=w.device)
+        std = torch.tensor(normalization.std, dtype=torch.float32, device=w.device)
         w = w / std[:, None]
         b = (b - mean) / std
+    return w, b
+
+
+def fold_heads(head: Head, manifest: RewardManifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's head with its normalisation folded in (`fold_normalization`)."""
+    w, b = fold_normalization(head.linear.weight, head.linear.bias, manifest.normalization)
     # Half-precision encoders keep half-precision head weights (exact when nothing was folded):
     # with both kernel operands in bf16/fp16 the Triton kernel can use tensor cores.
     model_dtype = head.linear.weight.dtype

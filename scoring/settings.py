@@ -24,6 +24,13 @@ class Settings(BaseSettings):
         description="Model to serve: store name (`name` or `name:version`), local directory, or hub id "
         "(`org/name`). Empty: the embedded default model.",
     )
+    models: str | None = Field(
+        default=None,
+        description="Several models in one server: comma-separated specs as for `HYDRA_RM_MODEL` (e.g. "
+        "`helpful:v3,safety:v1`); the first is the default. Requests choose one by `model` "
+        "(`/v1/score`) or by path (`/models/{name}/get_reward`); each model has its own queue and "
+        "engine, and its metrics carry its name. Overrides `HYDRA_RM_MODEL`.",
+    )
     store_root: Path = Field(
         default_factory=default_store_root, description="Root directory of the model store."
     )
@@ -47,6 +54,43 @@ class Settings(BaseSettings):
     )
     padding_side: Literal["right", "left"] = Field(
         default="right", description="Padding side for decoder models (encoders are always right-padded)."
+    )
+
+    # -- engine ------------------------------------------------------------------------------------
+    engine: Literal["torch", "vllm"] = Field(
+        default="torch",
+        description="`torch`: the model runs in this process on one device (any supported reward model). "
+        "`vllm`: decoder reward models only (last-token pooling), run by a managed vLLM server on a "
+        "private loopback port (tensor/pipeline parallel, continuous batching, prefix caching, "
+        "quantisation); hydra-rm keeps tokenizing, the heads' normalisation and aggregation, the APIs and "
+        "the metrics. Needs vLLM's own venv (`make vllm-env`).",
+    )
+    vllm_python: Path | None = Field(
+        default=None,
+        description="Interpreter of vLLM's venv. Default: `.venv-vllm/bin/python` in the working directory, "
+        "else in the repository.",
+    )
+    vllm_tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM `--tensor-parallel-size`: GPUs one model is sharded over."
+    )
+    vllm_pipeline_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM `--pipeline-parallel-size`: pipeline stages (nodes, with Ray)."
+    )
+    vllm_quantization: str | None = Field(
+        default=None,
+        description="vLLM `--quantization` (e.g. `fp8`). Default: none (the dtype is `HYDRA_RM_DTYPE`).",
+    )
+    vllm_args: str = Field(
+        default="",
+        description="Further vLLM engine arguments, shell-quoted, appended as given (e.g. "
+        "`--gpu-memory-utilization 0.85 --max-num-batched-tokens 16384`). Prefix caching follows "
+        "`HYDRA_RM_PREFIX_SHARING`; the model, port, task and max length are hydra-rm's.",
+    )
+    vllm_startup_timeout_s: float = Field(
+        default=900.0,
+        gt=0.0,
+        description="How long vLLM may take to load and compile before startup fails (measured on this "
+        "2-core CPU: 29-45 s for a small model).",
     )
 
     # -- batching ----------------------------------------------------------------------------------
@@ -204,6 +248,18 @@ class Settings(BaseSettings):
             )
         return self
 
+    def model_specs(self) -> list[str | None]:
+        """The models to serve, the default first (`None`: the embedded default model)."""
+        if self.models:
+            specs = [m.strip() for m in self.models.split(",") if m.strip()]
+            if specs:
+                return list(specs)
+        return [self.model]
+
+    def for_model(self, spec: str | None) -> Settings:
+        """These settings serving one of `model_specs()` (what build_engine loads)."""
+        return self.model_copy(update={"model": spec, "models": None})
+
     def resolved_device(self) -> str:
         import torch
 
@@ -270,6 +326,10 @@ def build_engine(settings: Settings):  # noqa: ANN201 - returns scoring.engine.S
     from model_store.loader import load_reward_model
     from scoring.engine import ScoringEngine
 
+    if settings.engine == "vllm":
+        from scoring.vllm_engine import build_vllm_engine
+
+        return build_vllm_engine(settings)
     apply_torch_threads(settings)
     rm = load_reward_model(
         settings.model,

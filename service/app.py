@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -45,17 +46,32 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Load, warm up and run the model on one thread: see service/batcher.py `forward_thread`.
         torch_thread = forward_thread()
-        if engine is not None:
-            eng = engine
-        else:
-            eng = await asyncio.get_running_loop().run_in_executor(torch_thread, build_engine, settings)
-        service = ScoringService(settings, eng, metrics, arrivals, torch_thread=torch_thread)
-        await service.start()
-        app.state.service = service
+        engines = [engine] if engine is not None else await _build_engines(settings, torch_thread)
+        # Several torch models share the one forward thread (one OpenMP pool per process); the app,
+        # not a batcher, shuts it down, after every batcher has drained.
+        thread = _SharedThread(torch_thread) if len(engines) > 1 else torch_thread
+        services: dict[str, ScoringService] = {}
         try:
+            for eng in engines:
+                name = str(eng.describe()["name"])
+                if name in services:
+                    raise ValueError(f"HYDRA_RM_MODELS names {name!r} twice; serve each model once")
+                # One model: its series as ever, unlabelled. Several: each its own, labelled `model`.
+                own = metrics if len(engines) == 1 else metrics.models.setdefault(name, Metrics())
+                service = ScoringService(settings, eng, own, arrivals, torch_thread=thread)
+                services[name] = service
+                await service.start()
+            app.state.services = services
+            app.state.service = next(iter(services.values()))  # the default model
             yield
         finally:
-            await service.stop()
+            await asyncio.gather(*(s.stop() for s in services.values()))
+            if thread is not torch_thread:
+                torch_thread.shutdown(wait=False)
+            for eng in engines if engine is None else ():  # engines we built (vLLM: stop its server)
+                close = getattr(eng, "close", None)
+                if close is not None:
+                    await asyncio.to_thread(close)
 
     docs = settings.resolved_docs()
     shown = docs != "off"
@@ -103,11 +119,64 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
         if service is None:  # not started yet: do not cache the generic version
             app.openapi_schema = None
             return schema
-        _specialise(schema, service.engine.num_heads, settings.max_items_per_request)
+        services = app.state.services
+        _specialise(
+            schema, max(s.engine.num_heads for s in services.values()), settings.max_items_per_request
+        )
+        path = schema.get("paths", {}).get("/models/{name}/get_reward", {}).get("post", {})
+        for param in path.get("parameters", []):
+            if param.get("name") == "name":  # this server's model names, not any string
+                param["schema"]["enum"] = list(services)
         return schema
 
     app.openapi = served_openapi  # type: ignore[method-assign]
     return app
+
+
+async def _build_engines(settings: Settings, torch_thread: ThreadPoolExecutor) -> list[Any]:
+    """One engine per served model, loaded on the forward thread, each stating its weights' memory."""
+    loop = asyncio.get_running_loop()
+    engines: list[Any] = []
+    try:
+        for spec in settings.model_specs():
+            eng = await loop.run_in_executor(torch_thread, build_engine, settings.for_model(spec))
+            engines.append(eng)
+            info = eng.describe()
+            log.info(
+                "loaded model %s:%s (%s, %d heads): %.1f MiB of weights on %s",
+                info["name"], info["version"], info.get("architecture"), eng.num_heads,
+                weight_bytes(eng) / 2**20, info.get("device"),
+            )  # fmt: skip
+    except BaseException:
+        for eng in engines:
+            close = getattr(eng, "close", None)
+            if close is not None:
+                close()
+        raise
+    return engines
+
+
+def weight_bytes(engine: Any) -> int:
+    """Memory of a model's weights: the torch engine's parameters, or the checkpoint vLLM loaded."""
+    model = getattr(engine, "model", None)
+    if model is not None:
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    path = getattr(engine, "path", None)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path is not None else 0
+
+
+class _SharedThread(Executor):
+    """The forward thread shared by several batchers: a batcher's close must not shut it down under
+    the others."""
+
+    def __init__(self, inner: ThreadPoolExecutor) -> None:
+        self._inner = inner
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._inner.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
 
 
 def _specialise(schema: dict[str, Any], num_heads: int, max_items: int) -> None:

@@ -65,6 +65,12 @@ class NotReady(ServiceError):
         super().__init__(message, headers={"Retry-After": "1"})
 
 
+class UnknownModel(ServiceError):
+    """A request named a model this server does not serve (HYDRA_RM_MODELS)."""
+
+    status, type = 404, "model_not_found"
+
+
 class DeadlineExceeded(ServiceError):
     status, type = 504, "timeout"
 

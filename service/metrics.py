@@ -7,10 +7,11 @@ gauge of the last value): its quantiles over a PPO step show when the policy wal
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model_store.uncertainty import DisagreementQuantiles, std_percentile
@@ -158,6 +159,7 @@ class Metrics:
         )
         self._head_children: list[Histogram] = []
         self.set_heads(head_names)
+        self.models: dict[str, Metrics] = {}  # the app's: each served model's own series, by name
         self.arriving = Gauge(
             "hydra_rm_requests_arriving",
             "Scoring requests whose body has arrived, not yet queued (validation, tokenization).",
@@ -263,7 +265,49 @@ class Metrics:
                 self.above_novelty_p95.inc(above_u)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition: this app's request series, and each served model's series labelled `model`
+        (several models per server: `HYDRA_RM_MODELS`)."""
+        if not self.models:
+            return generate_latest(self.registry)
+        return generate_latest(_ByModel(self))  # type: ignore[arg-type]
+
+
+# About HTTP requests, counted once per app by RequestMetricsMiddleware; every other series belongs to
+# one model's engine, queue and heads.
+REQUEST_SERIES = frozenset(
+    {
+        "hydra_rm_requests",
+        "hydra_rm_request_duration_seconds",
+        "hydra_rm_requests_in_flight",
+        "hydra_rm_rejected_requests",
+        "hydra_rm_requests_arriving",
+    }
+)
+
+
+class _ByModel:
+    """A collector view: the app's request series as they are, the model series of every model's own
+    registry merged into one family each, with a `model` label."""
+
+    def __init__(self, app: Metrics) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.app.registry.collect():
+            if family.name in REQUEST_SERIES:
+                yield family
+        merged: dict[str, Metric] = {}
+        for model, metrics in self.app.models.items():
+            for family in metrics.registry.collect():
+                if family.name in REQUEST_SERIES:
+                    continue
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                out.samples.extend(s._replace(labels={**s.labels, "model": model}) for s in family.samples)
+        yield from merged.values()
 
 
 class RequestMetricsMiddleware:

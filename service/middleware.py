@@ -21,7 +21,14 @@ from service.errors import ERROR_TYPE_KEY, error_response
 ARRIVED_KEY = "hydra_rm.arrived"  # time.monotonic() when the request arrived: its deadline counts from here
 _ARRIVING_KEY = "hydra_rm.arriving"  # True while the request is counted in Arrivals
 
-SCORING_PATHS = frozenset({"/v1/score", "/get_reward"})
+SCORING_PATHS = frozenset({"/v1/score", "/get_reward", "/models/{name}/get_reward"})
+
+
+def is_scoring_path(path: str) -> bool:
+    """A request path that scores items (`/models/<name>/get_reward` included)."""
+    return path in SCORING_PATHS or (path.startswith("/models/") and path.endswith("/get_reward"))
+
+
 _NO_BODY = {"GET", "HEAD", "OPTIONS", "DELETE"}
 
 
@@ -110,7 +117,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if self.arrivals is not None and scope.get("path") in SCORING_PATHS:
+        if self.arrivals is not None and is_scoring_path(scope.get("path", "")):
             self.arrivals.begin(scope)  # the body is in: from here until queued, it is truly arriving
         replayed = False
 

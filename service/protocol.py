@@ -40,6 +40,11 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     items: list[ScoreItem] = Field(min_length=1, description="Items to score (at most the server's limit).")
+    model: str | None = Field(
+        default=None,
+        max_length=256,
+        description="Which served model scores them (`/v1/models` lists them). Default: the first.",
+    )
     aggregation: str | None = Field(
         default=None,
         max_length=16,

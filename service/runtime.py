@@ -66,6 +66,11 @@ class ScoringService:
         self.novelty: NoveltyInfo | None = (
             engine.manifest.novelty if getattr(engine, "novelty", None) is not None else None
         )  # an engine that does not compute u (scoring/interface.py) serves none
+        overlap = getattr(engine, "concurrent_forwards", 1)
+        if overlap > 1:  # its forward waits on another process (vLLM): the queued-ahead batch runs beside
+            if torch_thread is not None:
+                torch_thread.shutdown(wait=False)
+            torch_thread = ThreadPoolExecutor(max_workers=overlap, thread_name_prefix="hydra-rm-forward")
         self.batcher = Batcher(
             engine.forward,
             engine.policy,

@@ -61,8 +61,7 @@ class HydraServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         app = self.config.loaded_app if self.config.loaded else None
-        service = _find_service(app)
-        if service is not None:
+        for service in _find_services(app):
             service.begin_drain()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -92,12 +91,12 @@ class HydraServer(uvicorn.Server):
         )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        service = _find_service(self.config.loaded_app)
+        services = _find_services(self.config.loaded_app)
         timeout = self.config.timeout_graceful_shutdown
         cutter = None
-        if service is not None and timeout is not None:
+        if services and timeout is not None:
             delay = max(0.0, timeout - cut_margin_s(timeout))
-            cutter = asyncio.get_running_loop().create_task(self._cut_drain_after(service, delay))
+            cutter = asyncio.get_running_loop().create_task(self._cut_drain_after(services, delay))
         try:
             await super().shutdown(sockets)
         finally:
@@ -115,7 +114,7 @@ class HydraServer(uvicorn.Server):
             if isinstance(captured, list):
                 captured[:] = [s for s in captured if s not in DRAIN_SIGNALS]
 
-    async def _cut_drain_after(self, service: Any, delay: float) -> None:
+    async def _cut_drain_after(self, services: list[Any], delay: float) -> None:
         """Shortly before uvicorn's deadline, fail what is still queued with 503 shutting_down, so
         those requests are answered through the app (error body, Retry-After, metrics) rather than
         cancelled."""
@@ -123,7 +122,7 @@ class HydraServer(uvicorn.Server):
         if not self.server_state.tasks:
             return  # every request was answered
         requests = len(self.server_state.tasks)
-        unscored = await service.cut_drain()
+        unscored = sum(await asyncio.gather(*(s.cut_drain() for s in services)))
         self.drain_cut_short = True
         log.warning(
             "drain timeout (%.3gs): %d requests still running, %d queued items not scored; "
@@ -148,6 +147,15 @@ def _find_state(app: Any, name: str) -> Any:
 
 def _find_service(app: Any) -> Any:
     return _find_state(app, "service")
+
+
+def _find_services(app: Any) -> list[Any]:
+    """Every served model's service (HYDRA_RM_MODELS), the default first."""
+    services = _find_state(app, "services")
+    if services:
+        return list(services.values())
+    service = _find_service(app)
+    return [service] if service is not None else []
 
 
 def build_server(settings: Settings, app: Any | None = None, **overrides: Any) -> HydraServer:

@@ -31,11 +31,14 @@ async def readyz(request: Request) -> Readiness | JSONResponse:
     service = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         return JSONResponse(Readiness(status="loading").model_dump(), status_code=503)
-    name = f"{service.engine.name}:{service.engine.version}"
+    services = getattr(request.app.state, "services", None) or {"": service}
+    name = ",".join(f"{s.engine.name}:{s.engine.version}" for s in services.values())
     if service.draining:
         return JSONResponse(Readiness(status="draining", model=name).model_dump(), status_code=503)
-    if not service.batcher.alive:  # no worker: every request would time out, so take us out of rotation
-        return JSONResponse(Readiness(status="broken", model=name).model_dump(), status_code=503)
+    for s in services.values():
+        if not s.batcher.alive or not getattr(s.engine, "alive", True):
+            # No worker (or the vLLM engine's server died): its requests would fail, so leave rotation.
+            return JSONResponse(Readiness(status="broken", model=name).model_dump(), status_code=503)
     return Readiness(status="ready", model=name)
 
 

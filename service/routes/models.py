@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from service.protocol import ModelCard, ModelList
 from service.routes.common import SCORING_ERRORS, get_service
@@ -14,12 +14,17 @@ router = APIRouter(tags=["models"])
 @router.get(
     "/v1/models",
     response_model=ModelList,
-    summary="The served model: heads, names, encoder, version, limits, default aggregation.",
+    summary="The served models (the default first): heads, names, encoder, version, limits, default aggregation.",
     responses={k: v for k, v in SCORING_ERRORS.items() if k in (401, 503)},
 )
-async def list_models(service: ScoringService = Depends(get_service)) -> ModelList:
+async def list_models(request: Request, service: ScoringService = Depends(get_service)) -> ModelList:
+    services = getattr(request.app.state, "services", None) or {"": service}
+    return ModelList(data=[_card(s) for s in services.values()])
+
+
+def _card(service: ScoringService) -> ModelCard:
     info = service.describe()
-    card = ModelCard(
+    return ModelCard(
         id=str(info["name"]),
         version=str(info["version"]),
         num_heads=info["num_heads"],
@@ -38,4 +43,3 @@ async def list_models(service: ScoringService = Depends(get_service)) -> ModelLi
         disagreement=info.get("disagreement"),
         novelty=info.get("novelty"),
     )
-    return ModelList(data=[card])

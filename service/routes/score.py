@@ -6,7 +6,7 @@ so a sample's reward never depends on which route or which neighbours it came wi
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 
 from model_store.tokenization import Item
 from service.protocol import (
@@ -17,7 +17,7 @@ from service.protocol import (
     ScoreResult,
     Usage,
 )
-from service.routes.common import SCORING_ERRORS, get_service
+from service.routes.common import SCORING_ERRORS, get_service, service_named
 from service.runtime import ScoringService
 
 router = APIRouter(tags=["scoring"])
@@ -42,6 +42,8 @@ _STAT_KEYS = (
 async def score(
     body: ScoreRequest, request: Request, service: ScoringService = Depends(get_service)
 ) -> ScoreResponse:
+    if body.model is not None:
+        service = service_named(request, body.model)
     agg = service.request_aggregation(body.aggregation, body.uwo_lambda, body.lcb_beta)
     scores = await service.score_items([it.to_item() for it in body.items], "items", request)
     results = [
@@ -84,6 +86,24 @@ async def score(
 async def get_reward(
     body: GetRewardRequest, request: Request, service: ScoringService = Depends(get_service)
 ) -> GetRewardResponse:
+    return await _get_reward(body, request, service)
+
+
+@router.post(
+    "/models/{name}/get_reward",
+    response_model=GetRewardResponse,
+    responses=SCORING_ERRORS,
+    summary="`/get_reward` for one of several served models (HYDRA_RM_MODELS): one model per URL.",
+)
+async def get_reward_of(
+    body: GetRewardRequest,
+    request: Request,
+    name: str = Path(description="The model's name, as `/v1/models` lists it."),
+) -> GetRewardResponse:
+    return await _get_reward(body, request, service_named(request, name, field="name"))
+
+
+async def _get_reward(body: GetRewardRequest, request: Request, service: ScoringService) -> GetRewardResponse:
     if not body.query:  # older OpenRLHF sends an empty query to idle replicas
         return GetRewardResponse(rewards=[], scores=[], extra_logs={})
     scores = await service.score_items([Item(text=q) for q in body.query], "query", request)

@@ -25,7 +25,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(tmp_path: Path, *args: str, port: int | None = None, **env_vars: str):
+def start_server(
+    tmp_path: Path, *args: str, port: int | None = None, ready_timeout_s: float = 90, **env_vars: str
+):
     """`hydra-rm serve` as a real process (store under tmp_path), ready when /readyz says so; a given
     `port` lets a test bring a killed replica back where it was."""
     port = port or _free_port()
@@ -48,7 +50,7 @@ def start_server(tmp_path: Path, *args: str, port: int | None = None, **env_vars
         except httpx.HTTPError:
             return False
 
-    wait_until(ready, timeout=90, what="the server to be ready")
+    wait_until(ready, timeout=ready_timeout_s, what="the server to be ready")
     return proc, url
 
 
