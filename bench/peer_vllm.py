@@ -296,8 +296,8 @@ def report(
         "# hydra-rm vs vLLM, side by side (cpu)",
         "",
         f"Command: `{env['command']}`  ",
-        "Defaults first: both servers at their defaults"
-        + (f"; `{names[1]}` is hydra-rm with {env['b_desc']}" if len(names) > 1 and names[1] != VLLM else "")
+        "Defaults first: `hydra-rm` and `vLLM` at their defaults"
+        + "".join(f"; `{n}` is hydra-rm with {env['desc'][n]}" for n in names if n in env["desc"])
         + ".  ",
         f"Model: Qwen2-style decoder, hidden {args.hidden}, {args.layers} layers, K=4 heads, fp32, random weights, "
         "max length 2,048. "
@@ -344,8 +344,7 @@ def report(
             )
             + ".",
         ]
-    b = names[1] if len(names) > 1 and names[1] != VLLM else None
-    if b is not None:
+    for b in (n for n in names if n in env["desc"]):
         lines += ["", f"A/B `{b}` / `{HYDRA}` (median of per-round ratios, spread):", ""]
         for load, cell in cells.items():
             attr = "p50_ms" if load == "latency" else "items_per_s"
@@ -432,6 +431,8 @@ def main() -> None:
     ap.add_argument(
         "--b-root", type=Path, default=None, help="a second hydra-rm server from this source tree"
     )
+    ap.add_argument("--c-env", nargs="*", default=[], help="a third hydra-rm server, as --b-env")
+    ap.add_argument("--c-root", type=Path, default=None, help="a third hydra-rm server, as --b-root")
     ap.add_argument(
         "--no-vllm", action="store_true", help="hydra-rm only (the A/B of a change, or a smoke test)"
     )
@@ -455,12 +456,14 @@ def main() -> None:
     k = RewardManifest.read(model_dir).num_heads  # type: ignore[union-attr]
     tok = AutoTokenizer.from_pretrained(model_dir)
 
-    b_extra = dict(kv.split("=", 1) for kv in args.b_env)
     servers = [hydra_server(HYDRA, model_dir, tmp, {})]
-    if args.b_env or args.b_root:
-        desc = " ".join(args.b_env) + (f" from {args.b_root}" if args.b_root else "")
-        env["b_desc"] = desc
-        servers.append(hydra_server("hydra-rm B", model_dir, tmp, b_extra, args.b_root or ROOT))
+    env["desc"] = {}
+    for name, kvs, root in (("hydra-rm B", args.b_env, args.b_root), ("hydra-rm C", args.c_env, args.c_root)):
+        if kvs or root:
+            env["desc"][name] = " ".join(kvs) + (f" from {root}" if root else "")
+            servers.append(
+                hydra_server(name, model_dir, tmp, dict(kv.split("=", 1) for kv in kvs), root or ROOT)
+            )
     if not args.no_vllm:
         servers.append(vllm_server(model_dir, tmp))
     names = [s.name for s in servers]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -218,6 +219,18 @@ class Settings(BaseSettings):
         if self.docs is not None:
             return self.docs
         return "auth" if self.api_keys else "public"
+
+
+def passive_omp_wait() -> None:
+    """OMP_WAIT_POLICY=PASSIVE for this process unless the environment says otherwise; call it before
+    torch is imported (libgomp reads it once, when it loads).
+
+    libgomp's default has each intra-op thread spin for a while after every parallel region. When the
+    cores are shared (other processes, or this server's own event loop and tokenizer), the spinning
+    thread holds the core the working one needs: on the shared 2-core bench machine (load 14-27) the
+    service at 32 clients ran GRPO at 0.6 items/s with the default, 12.1 with PASSIVE and 7.7 with one
+    torch thread (bench/results/peer-threads-ab-cpu.md). Set OMP_WAIT_POLICY=ACTIVE to opt out."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def apply_torch_threads(settings: Settings) -> int:
