@@ -227,9 +227,10 @@ def passive_omp_wait() -> None:
 
     libgomp's default has each intra-op thread spin for a while after every parallel region. When the
     cores are shared (other processes, or this server's own event loop and tokenizer), the spinning
-    thread holds the core the working one needs: on the shared 2-core bench machine (load 14-27) the
-    service at 32 clients ran GRPO at 0.6 items/s with the default, 12.1 with PASSIVE and 7.7 with one
-    torch thread (bench/results/peer-threads-ab-cpu.md). Set OMP_WAIT_POLICY=ACTIVE to opt out."""
+    thread holds the core the working one needs: on the shared 2-core bench machine (load 20-34) the
+    service at 32 clients ran GRPO at 0.5 items/s with the default, 6.4 with PASSIVE and 4.4 with one
+    torch thread (medians of 3 rounds, bench/results/peer-threads-ab-cpu.md); on a quiet machine
+    PASSIVE cost nothing measurable (bench/results/threads-cpu.md). OMP_WAIT_POLICY=ACTIVE opts out."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
