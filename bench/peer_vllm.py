@@ -460,7 +460,7 @@ def main() -> None:
     env["desc"] = {}
     for name, kvs, root in (("hydra-rm B", args.b_env, args.b_root), ("hydra-rm C", args.c_env, args.c_root)):
         if kvs or root:
-            env["desc"][name] = " ".join(kvs) + (f" from {root}" if root else "")
+            env["desc"][name] = " ".join([*kvs, *([f"the code in {root}"] if root else [])])
             servers.append(
                 hydra_server(name, model_dir, tmp, dict(kv.split("=", 1) for kv in kvs), root or ROOT)
             )

@@ -62,8 +62,8 @@ class Settings(BaseSettings):
         default=None,
         ge=0.0,
         description="Most padding a service batch may carry, as a share of its real tokens (batches are "
-        "split beyond it). Default 0.1 on CPU, where compute is linear in padded tokens (measured: "
-        "padding 8 random-length items together costs 40%), 0.25 on CUDA, where a 7-8B model is compute-bound "
+        "split beyond it). Default 0 on CPU: rows of different lengths run apart (a padded batch cost 1.8x per "
+        "token with 1.7% padding, bench/results/peer-padding-ab-cpu.md), 0.25 on CUDA, where a 7-8B model is compute-bound "
         "past ~300 tokens per batch (the arithmetic is at GPU_MAX_PADDING in service/batching.py).",
     )
     prefix_sharing: Literal["auto", "off"] = Field(
