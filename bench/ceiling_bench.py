@@ -111,8 +111,8 @@ def main() -> None:
     from model_store import ModelStore
     from model_store.loader import load_reward_model
     from model_store.tokenization import Item
-    from service.engine import ScoringEngine
-    from service.settings import Settings
+    from scoring.engine import ScoringEngine
+    from scoring.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="hydra-ceiling-"))
     model_dir = build_qwen2(tmp / "model", hidden=args.hidden, layers=args.layers)
@@ -172,7 +172,7 @@ def main() -> None:
     )
     port = free_port()
     proc = start(
-        [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)], env, port
+        [sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--port", str(port)], env, port
     )
     url = f"http://127.0.0.1:{port}"
     rows: list[tuple[int, dict[str, float], Any, float]] = []

@@ -49,7 +49,7 @@ def _pools_child(split: bool, queue: Any) -> None:
     from model_store import ModelStore
     from model_store.loader import load_reward_model
     from model_store.tokenization import Item
-    from service.engine import ScoringEngine
+    from scoring.engine import ScoringEngine
 
     tmp = Path(tempfile.mkdtemp(prefix="hydra-pools-"))
     model_dir = build_qwen2(tmp / "model")
@@ -103,8 +103,8 @@ def main() -> None:
     from model_store import ModelStore
     from model_store.loader import load_reward_model
     from model_store.tokenization import Item
-    from service.engine import ScoringEngine
-    from service.settings import Settings
+    from scoring.engine import ScoringEngine
+    from scoring.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="hydra-contention-"))
     model_dir = build_qwen2(tmp / "model")

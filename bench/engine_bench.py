@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from model_store import ModelStore  # noqa: E402
 from model_store.default_model import build_default_model  # noqa: E402
 from model_store.loader import load_reward_model  # noqa: E402
-from service.batching import BatchPolicy, padded_tokens, plan_batches  # noqa: E402
-from service.engine import EncodedItem, Item, ScoringEngine  # noqa: E402
+from scoring.batching import BatchPolicy, padded_tokens, plan_batches  # noqa: E402
+from scoring.engine import EncodedItem, Item, ScoringEngine  # noqa: E402
 
 WORDS = (
     "the reward model scores each response to a prompt and several linear heads share one encoder so the "

@@ -10,7 +10,7 @@ rewards). One run, side by side:
 2. prefix sharing on vs off on a GRPO-shaped workload (prompts x G=8 responses, the prompt text
    repeated in every item as OpenRLHF sends it), when this build's engine has a `prefix_sharing`
    option; otherwise the section says "not available in this build";
-3. the service end to end (`python -m service serve` on the saved model) at 32 closed-loop clients,
+3. the service end to end (`python -m cli serve` on the saved model) at 32 closed-loop clients,
    one sample per `/get_reward` request (sharing on and off where available).
 
 Usage: `python bench/gpu_e2e.py` on a CUDA machine (`make bench-gpu`); writes
@@ -46,8 +46,8 @@ from bench.service_bench import drive, free_port, start, stop  # noqa: E402
 from model_store.default_model import corpus_path, train_tokenizer  # noqa: E402
 from model_store.loader import RewardModel  # noqa: E402
 from model_store.manifest import RewardManifest  # noqa: E402
-from service.batching import BatchPolicy, padded_tokens  # noqa: E402
-from service.engine import EncodedItem, Item, ScoringEngine  # noqa: E402
+from scoring.batching import BatchPolicy, padded_tokens  # noqa: E402
+from scoring.engine import EncodedItem, Item, ScoringEngine  # noqa: E402
 
 # Llama-3-8B's shape (config.json of meta-llama/Meta-Llama-3-8B), and a tiny one for --small.
 LLAMA3_8B = dict(
@@ -255,7 +255,7 @@ def service_e2e(
         if mode is not None:
             env["HYDRA_RM_PREFIX_SHARING"] = mode
         port = free_port()
-        cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)]
+        cmd = [sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--port", str(port)]
         proc = start(cmd, env, port, timeout_s=900)  # an 8B checkpoint takes a while to read and move
         try:
             url = f"http://127.0.0.1:{port}"

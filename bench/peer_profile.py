@@ -110,8 +110,8 @@ def main() -> None:
     from model_store import ModelStore
     from model_store.loader import load_reward_model
     from model_store.tokenization import Item
-    from service.engine import ScoringEngine
-    from service.settings import Settings
+    from scoring.engine import ScoringEngine
+    from scoring.settings import Settings
 
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="hydra-peer-profile-"))
@@ -133,14 +133,14 @@ def main() -> None:
     rows: dict[str, dict[str, list[float]]] = {}
     tokens: dict[str, dict[str, float]] = {}
     record: list[tuple[int, int]] = []  # (padded, real) per encoder pass
-    plain = engine.forward_padded
+    plain = engine.heads.forward_padded  # what the plain and the shared-prefix passes call
 
     def counting(batch: Any) -> Any:
         n = [e.n_tokens for e in batch]
         record.append((max(n) * len(n), sum(n)))
         return plain(batch)
 
-    engine.forward_padded = counting  # type: ignore[method-assign]
+    engine.heads.forward_padded = counting  # type: ignore[method-assign]
     for load_name, rounds in loads.items():
         enc = [[engine.encode(Item(text=t)) for t in texts] for texts in rounds]
         state = {"r": 0}

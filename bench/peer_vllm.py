@@ -157,7 +157,7 @@ def hydra_server(
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(root), HYDRA_RM_STORE_ROOT=str(tmp / f"store-{port}"))
     env.update(HYDRA_RM_LOG_LEVEL="warning", **extra_env)
-    cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--port", str(port)]
     return Server(name, cmd, env, port, "/readyz", tmp / f"{name}.log", cwd=root)
 
 

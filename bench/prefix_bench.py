@@ -110,8 +110,8 @@ def build_model(tmp: Path, hidden: int, layers: int) -> Path:
 
 # -- sections ---------------------------------------------------------------------------------------
 def section_batching(engine: Any, tok: Any, rounds: int) -> dict[str, Any]:
-    from service.engine import Item
-    from service.prefix import PrefixScorer
+    from scoring.engine import Item
+    from scoring.prefix import PrefixScorer
 
     texts = grpo_texts(tok, seed=1, prompts=12, group=GROUP)
     items = [engine.encode(Item(text=t)) for t in texts]
@@ -138,8 +138,8 @@ def section_batching(engine: Any, tok: Any, rounds: int) -> dict[str, Any]:
 
 
 def section_min_shared(engine: Any, rounds: int) -> dict[str, Any]:
-    from service.engine import EncodedItem
-    from service.prefix import PrefixScorer
+    from scoring.engine import EncodedItem
+    from scoring.prefix import PrefixScorer
 
     rng = random.Random(2)
     vocab = engine.model.config.vocab_size
@@ -169,9 +169,9 @@ def write_jsonl(path: Path, texts: list[str]) -> Path:
 
 def section_job(model_dir: Path, tmp: Path, tok: Any, rounds: int, loads: set[str]) -> dict[str, Any]:
     """The JSONL batch job end to end (parse, tokenize, plan, score, write), sharing on vs off."""
-    from service.engine import Item
-    from service.jobs import ScoreJob
-    from service.settings import Settings, build_engine
+    from jobs.local import ScoreJob
+    from scoring.engine import Item
+    from scoring.settings import Settings, build_engine
 
     engines = {
         mode: build_engine(Settings(model=str(model_dir), store_root=tmp / "store", prefix_sharing=mode))
@@ -206,7 +206,7 @@ def section_job(model_dir: Path, tmp: Path, tok: Any, rounds: int, loads: set[st
         )
         n = len(texts)
         ids = [engines["off"].encode(Item(text=t)).input_ids for t in texts]
-        from service.prefix import plan_prefix_groups
+        from scoring.batching import plan_prefix_groups
 
         saved = plan_prefix_groups(ids).tokens_saved / sum(map(len, ids))
         ratio = _med(times["off"]) / _med(times["on"])
@@ -258,7 +258,7 @@ def section_http(
     try:
         for mode in ("off", "auto"):
             port = free_port()
-            cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)]
+            cmd = [sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--port", str(port)]
             procs.append(start(cmd, dict(env, HYDRA_RM_PREFIX_SHARING=mode), port))
             urls[mode] = f"http://127.0.0.1:{port}"
         for url in urls.values():
@@ -286,7 +286,7 @@ def section_http(
     out["lines"] += [
         "## HTTP: `/get_reward`, one sample per request",
         "",
-        "Two servers (`python -m service serve`, HYDRA_RM_PREFIX_SHARING=off / auto), closed-loop clients "
+        "Two servers (`python -m cli serve`, HYDRA_RM_PREFIX_SHARING=off / auto), closed-loop clients "
         "(bench/service_bench.py's asyncio client, in this process, on the same machine); items/s over the "
         "whole run, median of the rounds, runs alternating between the servers. `grpo`: 48 prompts x 8 "
         "responses, each prompt's responses sent one after another (as a trainer sends a group); "
@@ -407,7 +407,7 @@ def main() -> None:
 
     from model_store import ModelStore
     from model_store.loader import load_reward_model
-    from service.engine import ScoringEngine
+    from scoring.engine import ScoringEngine
 
     sections = args.sections.split(",")
     env: dict[str, Any] = {

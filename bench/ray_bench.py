@@ -91,7 +91,7 @@ def main() -> None:
     model = build_default_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers)
     src = tmp / "in.jsonl"
     write_input(src, args.items)
-    exe = [sys.executable, "-m", "service"]
+    exe = [sys.executable, "-m", "cli"]
     common = ["-i", str(src), "--model", str(model), "--store", str(tmp / "store"), "--no-progress"]
     common += ["--chunk-size", str(args.chunk_size)]
     local = run([*exe, "score", *common, "-o", str(tmp / "local.jsonl")], tmp / "local.jsonl.progress.json")

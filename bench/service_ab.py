@@ -1,6 +1,6 @@
 """A/B of the service between two source trees, side by side on one machine, runs alternating.
 
-For a refactor that must not change throughput: both servers (`python -m service serve` from each
+For a refactor that must not change throughput: both servers (`python -m cli serve` from each
 tree, same model, same settings) stay up, and each repeat alternates which goes first, so drift in
 the machine's load hits both alike. Reports every run and the paired after/before ratios.
 
@@ -78,7 +78,7 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=str(root), HYDRA_RM_STORE_ROOT=str(tmp / f"store-{name}"),
                        HYDRA_RM_LOG_LEVEL="warning")  # fmt: skip
             port = sb.free_port()
-            cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)]
+            cmd = [sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--port", str(port)]
             procs.append(
                 subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             )

@@ -1,6 +1,6 @@
 """Service throughput: hydra-rm vs a per-request server vs the raw engine, one model, one workload.
 
-- hydra-rm: the real service (`python -m service serve`), cross-request dynamic batching.
+- hydra-rm: the real service (`python -m cli serve`), cross-request dynamic batching.
 - per-request: what most RL teams hand-roll (OpenRLHF's own serve_rm has this shape): an async
   FastAPI handler that runs one forward per HTTP request, padded to the request's longest item,
   no batching across requests.
@@ -67,7 +67,7 @@ def per_request_app(model_dir: str) -> Any:
 
     from model_store import ModelStore
     from model_store.loader import load_reward_model
-    from service.engine import Item, ScoringEngine
+    from scoring.engine import Item, ScoringEngine
 
     rm = load_reward_model(model_dir, ModelStore(Path(tempfile.mkdtemp()) / "store"))
     engine = ScoringEngine(rm)
@@ -229,8 +229,8 @@ def main() -> None:
     from model_store import ModelStore
     from model_store.default_model import build_default_model
     from model_store.loader import load_reward_model
-    from service.engine import Item, ScoringEngine
-    from service.settings import Settings
+    from scoring.engine import Item, ScoringEngine
+    from scoring.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="hydra-service-bench-"))
     model_dir = build_default_model(tmp / "model", hidden_size=args.hidden, num_layers=args.layers)
@@ -270,7 +270,7 @@ def main() -> None:
     )
     commands = {
         "hydra-rm": lambda port: (
-            [sys.executable, "-m", "service", "serve", "--model", str(model_dir)] + ["--port", str(port)]
+            [sys.executable, "-m", "cli", "serve", "--model", str(model_dir)] + ["--port", str(port)]
         ),
         "per-request": lambda port: [
             sys.executable,

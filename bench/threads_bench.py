@@ -1,11 +1,11 @@
 """Torch intra-op threads on a small CPU host: 1 vs 2 threads, quiet and beside a busy neighbour.
 
 What it measures (one run, configurations alternated within each round, median of --rounds):
-- the service (`python -m service serve`, one process per configuration, all up at once) at 32
+- the service (`python -m cli serve`, one process per configuration, all up at once) at 32
   closed-loop clients sending OpenRLHF-shaped `/get_reward` requests (one text each, the items of
   bench/service_bench.py), with HYDRA_RM_TORCH_THREADS=1, =2, and =2 with OMP_WAIT_POLICY=PASSIVE;
 - the batch job (`ScoreJob` on a JSONL file behind `build_engine`, i.e. what `hydra-rm score` runs)
-  with 1 and 2 threads, applied by `service.settings.apply_torch_threads`;
+  with 1 and 2 threads, applied by `scoring.settings.apply_torch_threads`;
 - each twice: on a quiet machine, and with a neighbour process spinning one core
   (`python -c "while True: pass"`).
 
@@ -89,9 +89,9 @@ def main() -> None:
 
     import torch
 
+    from jobs.local import ScoreJob
     from model_store.default_model import build_default_model
-    from service.jobs import ScoreJob
-    from service.settings import Settings, apply_torch_threads, build_engine
+    from scoring.settings import Settings, apply_torch_threads, build_engine
 
     load_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="hydra-threads-bench-"))
@@ -129,7 +129,7 @@ def main() -> None:
         for name, (threads, extra) in SERVICE_CONFIGS.items():
             port = free_port()
             env = {**base_env, "HYDRA_RM_TORCH_THREADS": str(threads), **extra}
-            cmd = [sys.executable, "-m", "service", "serve", "--model", str(model_dir), "--port", str(port)]
+            cmd = [sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--port", str(port)]
             procs.append(start(cmd, env, port))
             ports[name] = port
             asyncio.run(drive_for(port, bodies, 1.0, 4))  # warm-up

@@ -21,7 +21,7 @@ from client.results import HydraHTTPError
 # or not ready (503), the server's own deadline (504). Every other 4xx/5xx is final: resending the
 # same bad body cannot succeed, and a 500 is an item that breaks the model (the server isolates it).
 RETRY_STATUSES = frozenset({502, 503, 504})
-# The server's defaults (service/settings.py); used only when a server does not advertise its own.
+# The server's defaults (scoring/settings.py); used only when a server does not advertise its own.
 DEFAULT_MAX_ITEMS = 1024
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 # Room left under the body limit for the envelope and for a server whose limit counts differently.

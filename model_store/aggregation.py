@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
-
-if TYPE_CHECKING:
-    from model_store.manifest import RewardManifest
+from typing import Literal, Protocol
 
 Kind = Literal["min", "mean", "max", "uwo", "head"]
 KINDS: tuple[Kind, ...] = ("min", "mean", "max", "uwo")
@@ -63,12 +60,3 @@ class Aggregation:
             return stats.mean - self.uwo_lambda * stats.std * stats.std
         assert self.head is not None
         return stats.rewards[self.head]
-
-
-def resolve_aggregation(
-    manifest: RewardManifest, aggregation: str | None = None, uwo_lambda: float | None = None
-) -> Aggregation:
-    """The default aggregation of a served or scored model: what the operator set (a HYDRA_RM_* setting
-    or a CLI option), else the manifest's. `serve`, `score` and `demo` all resolve through here."""
-    lam = manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
-    return Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam)

@@ -101,9 +101,13 @@ class RewardManifest(BaseModel):
         return cls.model_validate(json.loads(path.read_text()))
 
 
-def validate_aggregation(aggregation: str, num_heads: int) -> str:
-    """The aggregation's canonical text if valid for K heads, else ValueError (see `Aggregation.parse`)."""
-    return Aggregation.parse(aggregation, num_heads).name
+def resolve_aggregation(
+    manifest: RewardManifest, aggregation: str | None = None, uwo_lambda: float | None = None
+) -> Aggregation:
+    """The default aggregation of a served or scored model: what the operator set (a HYDRA_RM_* setting
+    or a CLI option), else the manifest's. `serve`, `score` and `demo` all resolve through here."""
+    lam = manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
+    return Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam)
 
 
 def check_relative_path(rel: str) -> str:

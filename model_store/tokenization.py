@@ -40,7 +40,7 @@ class ItemError(ValueError):
 class Item:
     """One thing to score, in exactly one form: `prompt`+`response`, chat `messages`, or raw `text`.
 
-    Built by trusted code (or by `service.protocol.ScoreItem.to_item()` after validation); it is not
+    Built by trusted code (or by `scoring.items.ScoreItem.to_item()` after validation); it is not
     re-validated here. `messages` holds mappings with string `role` and `content`.
     """
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI
 
+from scoring.settings import Settings, build_engine
 from service.auth import ApiKeyMiddleware, api_key_dependency
 from service.batcher import forward_thread
 from service.errors import install_error_handlers
@@ -21,7 +22,6 @@ from service.metrics import Metrics, RequestMetricsMiddleware
 from service.middleware import ArrivalMiddleware, Arrivals, BodyLimitMiddleware
 from service.routes import health, models, score
 from service.runtime import ScoringService
-from service.settings import Settings, build_engine
 
 log = logging.getLogger("hydra_rm.app")
 
@@ -35,7 +35,7 @@ DESCRIPTION = (
 
 
 def create_app(settings: Settings | None = None, *, engine: Any | None = None) -> FastAPI:
-    """Build the app. `engine` (a ScoringEngine or a wrapper of one) skips loading: tests, benches."""
+    """Build the app. `engine` (any `scoring.interface.Engine`) skips loading: tests, benches."""
     settings = settings or Settings()
     metrics = Metrics()
     arrivals = Arrivals()

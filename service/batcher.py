@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.batching import BatchObserver, BatchPolicy, ForwardFn, forward_isolating
+from model_store.tokenization import EncodedItem
+from scoring.batching import BatchObserver, BatchPolicy, ForwardFn, WindowCost, forward_isolating
+from scoring.results import ItemScore
 from service.drain import ShuttingDown
-from service.engine import EncodedItem, ItemScore
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed, ServiceError
-from service.prefix import WindowCost
 
 log = logging.getLogger("hydra_rm.batcher")
 

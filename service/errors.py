@@ -7,14 +7,13 @@ returns a stack trace: unexpected exceptions are logged here and answered with a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scoring.items import validation_message
 from service.protocol import ErrorDetail, ErrorResponse
 
 log = logging.getLogger("hydra_rm.errors")
@@ -85,32 +84,6 @@ def error_response(
 ) -> JSONResponse:
     body = ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def field_path(loc: Sequence[Any], root: str = "body") -> str:
-    """('body', 'items', 3, 'text') -> 'items[3].text'; the body itself is `root`."""
-    parts = list(loc[1:] if loc and loc[0] in {"body", "query", "path", "header"} else loc)
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        else:
-            out += f".{p}" if out else str(p)
-    return out or root
-
-
-def validation_message(errors: Sequence[dict[str, Any]], root: str = "body") -> tuple[str, str]:
-    """(field, message) for pydantic errors: the first one, plus how many more. A JSONL line is
-    validated as one item (`root="item"`), so it gets the field and message the same item gets over
-    HTTP, without the `items[i].` prefix."""
-    first = errors[0]
-    loc = first.get("loc", ())
-    if first.get("type") == "json_invalid":
-        return "body", f"request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}"
-    field = field_path(loc, root)
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return field, f"{field}: {msg}{more}"
 
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

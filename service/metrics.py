@@ -17,8 +17,9 @@ from service.errors import ERROR_TYPE_KEY
 from service.middleware import SCORING_PATHS
 
 if TYPE_CHECKING:
-    from service.engine import EncodedItem, ItemScore
-    from service.prefix import PrefixPlan
+    from model_store.tokenization import EncodedItem
+    from scoring.batching import PrefixPlan
+    from scoring.results import ItemScore
 
 # Rewards of normalised heads live around [-3, 3]; untrained heads can stray further.
 _REWARD_BUCKETS = (

@@ -18,8 +18,8 @@ from typing import Any
 
 from ray import serve
 
+from scoring.settings import Settings
 from service.app import create_app
-from service.settings import Settings
 
 log = logging.getLogger("hydra_rm.ray_serve")
 

@@ -16,13 +16,15 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from model_store.aggregation import Aggregation
+from model_store.tokenization import EncodedItem, Item, ItemError
 from model_store.uncertainty import DisagreementQuantiles, std_percentile
+from scoring.interface import Engine
+from scoring.results import ItemScore
+from scoring.settings import Settings
 from service.batcher import Batcher
-from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.middleware import ARRIVED_KEY, Arrivals
-from service.settings import Settings
 from service.tokenizing import TokenizerLane
 
 log = logging.getLogger("hydra_rm.runtime")
@@ -46,7 +48,7 @@ class ScoringService:
     def __init__(
         self,
         settings: Settings,
-        engine: ScoringEngine,
+        engine: Engine,
         metrics: Metrics,
         arrivals: Arrivals | None = None,
         torch_thread: ThreadPoolExecutor | None = None,

@@ -20,9 +20,9 @@ from typing import Any
 
 import uvicorn
 
+from scoring.settings import Settings
 from service.drain import EXIT_DRAIN_CUT_SHORT, DrainGuard, cut_margin_s
 from service.http_errors import shaped_protocol
-from service.settings import Settings
 
 log = logging.getLogger("hydra_rm.server")
 

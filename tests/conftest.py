@@ -44,8 +44,8 @@ def tiny_engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A ScoringEngine over the tiny Llama; session-scoped because loading is the slow part."""
     from model_store import ModelStore
     from model_store.loader import load_reward_model
-    from service.batching import BatchPolicy
-    from service.engine import ScoringEngine
+    from scoring.batching import BatchPolicy
+    from scoring.engine import ScoringEngine
 
     rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path_factory.mktemp("store")))
     return ScoringEngine(rm, policy=BatchPolicy.resolve("cpu", token_budget=2048, max_batch_size=32))

@@ -1,5 +1,5 @@
 """Multi-head Bradley-Terry training, evaluation and the over-optimisation experiment.
 
-Imports `model_store` and `kernels` (and the engine's tokenization, via `training.tokens`), never
-the HTTP layer; `service.cli` imports this package lazily, inside its commands.
+Stands on `model_store`, `kernels` and `scoring` (evaluation scores through the engine); never on
+`service`, `jobs` or `cli`. `cli.main` imports this package lazily, inside its commands.
 """

@@ -1,4 +1,4 @@
-"""`hydra-rm train | eval | experiment`: the command functions (registered lazily by service.cli)."""
+"""`hydra-rm train | eval | experiment`: the command functions (registered lazily by cli.main)."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ app.add_typer(experiment_app, name="experiment")
 
 
 def run(args: list[str]) -> None:
-    """Entry point for service.cli's lazy wrappers: `run(["train", "--data", ...])`."""
+    """Entry point for cli.main's lazy wrappers: `run(["train", "--data", ...])`."""
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load report for the new head

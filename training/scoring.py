@@ -23,8 +23,8 @@ class EngineScorer:
     def __init__(
         self, spec: str | Path, store: ModelStore, *, token_budget: int = 65536, max_batch: int = 2048
     ):
-        from service.batching import BatchPolicy
-        from service.engine import ScoringEngine
+        from scoring.batching import BatchPolicy
+        from scoring.engine import ScoringEngine
 
         self.rm = load_reward_model(str(spec), store)
         # Large batches for the experiment's tiny models; the padding cap stays the device default.

@@ -31,7 +31,7 @@ async def readyz(request: Request) -> Readiness | JSONResponse:
     service = getattr(request.app.state, "service", None)
     if service is None or not service.ready:
         return JSONResponse(Readiness(status="loading").model_dump(), status_code=503)
-    name = f"{service.engine.rm.name}:{service.engine.rm.version}"
+    name = f"{service.engine.name}:{service.engine.version}"
     if service.draining:
         return JSONResponse(Readiness(status="draining", model=name).model_dump(), status_code=503)
     if not service.batcher.alive:  # no worker: every request would time out, so take us out of rotation

@@ -45,10 +45,10 @@ async def score(
         )
         for s in scores
     ]
-    rm = service.engine.rm
+    engine = service.engine
     return ScoreResponse(
-        model=rm.name,
-        version=rm.version,
+        model=engine.name,
+        version=engine.version,
         aggregation=agg.name,
         uwo_lambda=agg.uwo_lambda if agg.kind == "uwo" else None,
         head_names=service.head_names,

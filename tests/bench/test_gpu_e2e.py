@@ -41,7 +41,7 @@ def test_gpu_e2e_small_runs_and_writes_its_table(tmp_path: Path):
 def test_sharing_section_passes_the_option_and_counts_the_shared_prefix(tiny_engine, monkeypatch):
     """The on/off section cannot run here until the engine has the option; its wiring can."""
     from bench import gpu_e2e
-    from service.engine import ScoringEngine
+    from scoring.engine import ScoringEngine
 
     modes: list[str] = []
 

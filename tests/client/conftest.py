@@ -9,7 +9,7 @@ import pytest
 
 from model_store.aggregation import Aggregation
 from model_store.tokenization import Item
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.service.conftest import Live, live_server
 
 SPLIT_LIMIT = 16  # the module server's max_items_per_request: the client must discover and obey it

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from client import AsyncHydraClient, HydraClient, HydraHTTPError, HydraUnavailable, ScoreList
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.client.conftest import SPLIT_LIMIT, assert_matches, reference, texts
 from tests.service.conftest import ControlledEngine, live_server, wait_until
 

@@ -9,7 +9,7 @@ import time
 import httpx
 
 from client import AsyncHydraClient, HydraClient
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.client.conftest import assert_matches, free_port, live_on_port, reference, texts
 from tests.service.conftest import live_server, metric_value, wait_until
 from tests.service.test_server import start_server

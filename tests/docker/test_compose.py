@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from service.settings import Settings
+from scoring.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,5 +54,5 @@ def test_dockerfile_copies_real_paths_and_runs_the_cli() -> None:
             assert (ROOT / path).exists(), path
     assert 'CMD ["hydra-rm", "serve"]' in dockerfile  # exec form: SIGTERM reaches the server
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert 'hydra-rm = "service.cli:app"' in pyproject
+    assert 'hydra-rm = "cli.main:app"' in pyproject
     assert "/readyz" in dockerfile

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.service.conftest import live_server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def engine_with_quantiles(tiny_engine):
     from dataclasses import replace
 
     from model_store.uncertainty import fit_quantiles
-    from service.engine import Item, ScoringEngine
+    from scoring.engine import Item, ScoringEngine
 
     ref = [Item(prompt=f"question {n}", response="an answer " * (1 + n % 7)) for n in range(200)]
     q = fit_quantiles([s.std for s in tiny_engine.score(ref)])

@@ -64,7 +64,7 @@ def test_launch_on_the_second_device_from_a_thread_on_the_first():
 def test_engine_on_cuda_matches_hf_logits(tmp_path: Path):
     from model_store import ModelStore
     from model_store.loader import load_reward_model
-    from service.engine import Item, ScoringEngine
+    from scoring.engine import Item, ScoringEngine
     from tests.builders import build_tiny_llama
 
     d = build_tiny_llama(tmp_path / "m", hidden=64)

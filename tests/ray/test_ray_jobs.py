@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.local import ScoreJob
 from model_store.aggregation import Aggregation
-from service.jobs import ScoreJob
 from tests.client.conftest import texts
 from tests.ray.conftest import time_limit
 
@@ -31,7 +31,7 @@ def _write_input(path: Path) -> None:
 def _score_ray(src: Path, out: Path, model: Path, store: Path):
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from cli.main import app
 
     args = ["score-ray", "-i", str(src), "-o", str(out), "--model", str(model), "--store", str(store)]
     args += [
@@ -85,7 +85,7 @@ def test_score_ray_matches_the_local_job_in_order_with_errors(
 
 
 def test_chunk_index_reads_lines_as_the_local_job_does(tmp_path):
-    from service.ray_jobs import chunk_index, read_chunk
+    from jobs.ray_job import chunk_index, read_chunk
 
     src = tmp_path / "x.jsonl"
     src.write_bytes(b"a\nb\r\n\nc\xff\nd")  # CR kept, empty line, bad byte, no final newline

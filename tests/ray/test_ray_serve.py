@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.client.conftest import free_port, reference, texts
 from tests.ray.conftest import time_limit
 

@@ -6,12 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
+from jobs.local import ScoreJob
+from jobs.ray_job import ChunkScorer, chunk_index
 from model_store.manifest import RewardManifest
 from model_store.uncertainty import fit_quantiles, std_percentile
-from service.engine import Item
-from service.jobs import ScoreJob
-from service.ray_jobs import ChunkScorer, chunk_index
-from service.settings import Settings, build_engine
+from scoring.engine import Item
+from scoring.settings import Settings, build_engine
 
 
 def test_ray_chunk_scorer_rows_carry_std_percentile(

@@ -14,10 +14,10 @@ import httpx
 import pytest
 import uvicorn
 
+from scoring.engine import Item
+from scoring.settings import Settings
 from service.app import create_app
-from service.engine import Item
 from service.server import HydraServer
-from service.settings import Settings
 
 
 @dataclass

@@ -7,9 +7,9 @@ import json
 import httpx
 import pytest
 
-from service.engine import Item
+from scoring.engine import Item
+from scoring.settings import Settings
 from service.protocol import ScoreItem
-from service.settings import Settings
 from tests.service.conftest import live_server, wait_until
 
 PROMPT = "What is the capital of France?"
@@ -176,7 +176,7 @@ def test_malformed_and_oversized_bodies(live):
 def test_reject_truncation_policy_gives_422_naming_the_item(tiny_llama_dir, tmp_path):
     from model_store import ModelStore
     from model_store.loader import load_reward_model
-    from service.engine import ScoringEngine
+    from scoring.engine import ScoringEngine
 
     rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path / "store"))
     engine = ScoringEngine(rm, max_length=32, truncation_side="reject")

@@ -10,8 +10,8 @@ import threading
 import httpx
 import pytest
 
-from service.engine import Item
-from service.settings import Settings
+from scoring.engine import Item
+from scoring.settings import Settings
 from tests.service.conftest import live_server, wait_until
 
 WORDS = "the quick brown fox jumps over a lazy dog while reward heads disagree".split()

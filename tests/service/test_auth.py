@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from scoring.settings import Settings
 from service.auth import key_matches
-from service.settings import Settings
 from tests.service.conftest import live_server
 
 
@@ -80,7 +80,7 @@ def test_unauthenticated_body_is_never_parsed(tiny_engine) -> None:
     """401 comes before the body is read: a malformed body without a key is still a 401, not a 422."""
     import httpx
 
-    from service.settings import Settings
+    from scoring.settings import Settings
     from tests.service.conftest import live_server
 
     with live_server(Settings(api_keys="k1"), tiny_engine) as live:

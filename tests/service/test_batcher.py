@@ -7,9 +7,10 @@ import threading
 
 import pytest
 
+from model_store.tokenization import EncodedItem
+from scoring.batching import BatchPolicy
+from scoring.results import ItemScore
 from service.batcher import Batcher
-from service.batching import BatchPolicy
-from service.engine import EncodedItem, ItemScore
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed
 
 
@@ -181,7 +182,7 @@ async def test_empty_request_resolves_at_once():
 def test_split_by_padding_caps_the_waste_and_keeps_every_item(max_padding):
     import random
 
-    from service.batching import split_by_padding
+    from scoring.batching import split_by_padding
 
     rng = random.Random(3)
     lengths = [rng.randint(1, 500) for _ in range(64)]

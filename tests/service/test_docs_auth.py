@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.service.conftest import live_server
 
 DOC_PATHS = ["/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"]

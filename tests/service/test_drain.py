@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scoring.engine import Item
 from service.drain import EXIT_DRAIN_CUT_SHORT
-from service.engine import Item
 from tests.service.conftest import metric_value
 from tests.service.test_server import start_server
 
@@ -104,9 +104,9 @@ def test_a_request_still_sending_its_body_at_the_deadline_gets_503_not_500(tiny_
 
     import uvicorn
 
+    from scoring.settings import Settings
     from service.app import create_app
     from service.server import HydraServer
-    from service.settings import Settings
 
     app = create_app(Settings(retry_after_s=3), engine=tiny_engine)
     sock = socketlib.socket()

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import uvicorn
 
+from scoring.settings import Settings
 from service.app import create_app
 from service.server import HydraServer
-from service.settings import Settings
 
 
 @pytest.fixture(scope="module", params=["httptools", "h11"])

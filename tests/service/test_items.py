@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.jobs import ScoreJob
+from jobs.local import ScoreJob
 
 # (item, the field a JSONL line names; over HTTP the same item in `items[0]` names items[0].<field>)
 BAD_ITEMS = [
@@ -64,8 +64,8 @@ def test_over_long_item_under_reject_names_the_same_field(tiny_llama_dir: Path, 
     """Errors the engine finds (not the validator) also agree: the reject truncation policy."""
     from model_store import ModelStore
     from model_store.loader import load_reward_model
-    from service.engine import ScoringEngine
-    from service.settings import Settings
+    from scoring.engine import ScoringEngine
+    from scoring.settings import Settings
     from tests.service.conftest import live_server
 
     rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path / "store"))

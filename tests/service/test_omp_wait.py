@@ -18,7 +18,7 @@ def run(settings):
     import os
     print(os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules)
 service.server.run = run
-from service.cli import app
+from cli.main import app
 app(["serve", "--port", "0"])
 """
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.service.conftest import live_server
 
 ST = Path(sys.executable).with_name("st")

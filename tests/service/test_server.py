@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.engine import Item
+from scoring.engine import Item
 from tests.service.conftest import metric_value, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ def start_server(tmp_path: Path, *args: str, port: int | None = None, **env_vars
         HYDRA_RM_LOG_LEVEL="warning",
         **env_vars,
     )
-    cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "cli", "serve", "--port", str(port), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
@@ -107,7 +107,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_cleanly(served_process, ti
 def test_serve_refuses_a_bad_setting(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HYDRA_RM_MAX_QUEUE_ITEMS="-3")
     out = subprocess.run(
-        [sys.executable, "-m", "service", "serve"],
+        [sys.executable, "-m", "cli", "serve"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -144,7 +144,7 @@ def test_serve_with_no_model_serves_the_embedded_default(tmp_path):
 
 
 def test_draining_turns_readiness_off_but_still_answers(tiny_engine):
-    from service.settings import Settings
+    from scoring.settings import Settings
     from tests.service.conftest import live_server
 
     with live_server(Settings(), tiny_engine) as live, live.client() as c:

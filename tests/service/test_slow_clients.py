@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import httpx
 
-from service.settings import Settings
+from scoring.settings import Settings
 from tests.service.conftest import live_server, wait_until
 
 HEAD = (

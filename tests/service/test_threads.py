@@ -14,15 +14,15 @@ import torch
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.settings import Settings, apply_torch_threads
+from cli.main import app
+from scoring.settings import Settings, apply_torch_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
 SCORE_AND_REPORT = """
 import sys, torch
 before = torch.get_num_threads()
-from service.cli import app
+from cli.main import app
 app(sys.argv[1:], standalone_mode=False)
 print(f"THREADS {before} {torch.get_num_threads()}")
 """

@@ -13,8 +13,8 @@ import pytest
 
 from model_store import ModelStore
 from model_store.loader import load_reward_model
-from service.engine import Item, ItemError, ScoringEngine
-from service.settings import Settings
+from scoring.engine import Item, ItemError, ScoringEngine
+from scoring.settings import Settings
 from tests.service.conftest import live_server, wait_until
 from tests.service.test_app_load import in_background, post_concurrently
 

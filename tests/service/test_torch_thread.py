@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 import service.app
-from service.engine import ScoringEngine
-from service.settings import Settings, build_engine
+from scoring.engine import ScoringEngine
+from scoring.settings import Settings, build_engine
 from tests.service.conftest import live_server
 
 

@@ -16,12 +16,12 @@ import httpx
 import pytest
 import torch
 
+from jobs.local import ScoreJob
 from model_store import ModelStore
 from model_store.loader import load_reward_model
 from model_store.uncertainty import fit_quantiles, std_percentile
-from service.batching import BatchPolicy
-from service.engine import Item, ScoringEngine
-from service.jobs import ScoreJob
+from scoring.batching import BatchPolicy
+from scoring.engine import Item, ScoringEngine
 from service.metrics import Metrics
 from tests.service.conftest import live_server, metric_value
 from training.data import parse_pair
@@ -121,7 +121,7 @@ def test_a_head_named_std_percentile_does_not_clobber_the_key(trained) -> None:
 
 
 def test_metric_counts_strictly_above_p95() -> None:
-    from service.engine import ItemScore
+    from scoring.results import ItemScore
 
     m = Metrics(["a", "b"])
     m.set_reference_p95(0.5)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from cli.main import app
 from model_store import ModelStore
-from service.cli import app
 from training.data import write_pairs
 from training.overopt import proxy_base, proxy_tokenizer
 from training.toydata import preference_rows
@@ -33,7 +33,7 @@ def test_train_cli_publishes_a_model(tmp_path: Path):
 
 
 def test_serving_cli_does_not_import_training():
-    code = "import sys, service.cli; assert not [m for m in sys.modules if m.startswith('training')]"
+    code = "import sys, cli.main; assert not [m for m in sys.modules if m.startswith('training')]"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

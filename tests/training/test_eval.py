@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli.main import app
 from training.data import write_pairs
 from training.evaluate import auroc, metrics, reliability
 from training.overopt import proxy_base, proxy_tokenizer

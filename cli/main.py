@@ -30,8 +30,8 @@ def _quiet_hf() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _settings(**overrides: object):  # noqa: ANN202 - service.settings.Settings
-    from service.settings import Settings
+def _settings(**overrides: object):  # noqa: ANN202 - scoring.settings.Settings
+    from scoring.settings import Settings
 
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -81,8 +81,8 @@ def models_import(
     _quiet_hf()
     from transformers.utils import logging as hf_logging
 
+    from cli.import_check import ImportCheck, check_importable
     from model_store import ModelStore, ModelStoreError
-    from service.import_check import ImportCheck, check_importable
 
     hf_logging.disable_progress_bar()  # the import prints its verdict, not a weight-loading bar
 
@@ -140,8 +140,8 @@ def demo(
 ) -> None:
     """Score two example responses and print every head: a smoke test of the whole engine."""
     _quiet_hf()
-    from service.engine import Item
-    from service.settings import build_engine
+    from scoring.engine import Item
+    from scoring.settings import build_engine
 
     settings = _settings(model=model, store_root=store)
     engine = build_engine(settings)
@@ -185,9 +185,9 @@ def score(
 ) -> None:
     """Score a JSONL file; interrupted runs resume where they stopped, without duplicates."""
     _quiet_hf()
+    from jobs.local import JobError, ScoreJob
     from model_store import ModelStoreError
-    from service.jobs import JobError, ScoreJob
-    from service.settings import build_engine
+    from scoring.settings import build_engine
 
     try:
         # CLI options override HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA, as `serve` honours them too.
@@ -221,7 +221,7 @@ def serve(
 ) -> None:
     """Serve the HTTP API (every other setting comes from HYDRA_RM_* variables; see the README)."""
     _quiet_hf()
-    from service.settings import passive_omp_wait
+    from scoring.settings import passive_omp_wait
 
     passive_omp_wait()  # before torch loads
     from pydantic import ValidationError
@@ -242,7 +242,7 @@ def main() -> None:  # pragma: no cover - console entry point
         sys.exit(130)
 
 
-# -- Ray (service/ray_serve.py, service/ray_jobs.py); `pip install ray[serve,data]` --------------------
+# -- Ray (service/ray_serve.py, jobs/ray_job.py); `pip install ray[serve,data]` --------------------
 def _ray_init(address: str | None) -> None:
     import os
 
@@ -284,11 +284,11 @@ def score_ray(
 ) -> None:
     """`score` on a Ray cluster: Ray Data actors score the chunks; same output, order, errors and resume."""
     _quiet_hf()
+    from jobs.local import JobError
     from model_store import ModelStoreError
-    from service.jobs import JobError
 
     _ray_init(address)
-    from service.ray_jobs import RayScoreJob
+    from jobs.ray_job import RayScoreJob
 
     try:
         job = RayScoreJob(

@@ -17,208 +17,29 @@ same sub-batches grow with the padding cap.
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
-from kernels import multihead_reward
-from service.batching import plan_batches, split_by_padding
-
-if TYPE_CHECKING:
-    from model_store.tokenization import EncodedItem
-    from service.engine import ItemScore, ScoringEngine
+from model_store.tokenization import EncodedItem
+from scoring.batching import (
+    DEFAULT_MIN_SHARED,
+    BatchPolicy,
+    PrefixGroup,
+    PrefixPlan,
+    plan_prefix_groups,
+    split_by_padding,
+)
+from scoring.heads import HeadForward
+from scoring.results import ItemScore
 
 log = logging.getLogger("hydra_rm.prefix")
 
-# Shorter shared runs are not worth an extra forward call: 16 groups of 8 with responses of 20-60
-# tokens ran 0.86x at 8 shared tokens, 0.99x at 16, 1.14x at 32, 1.90x at 64 (bench/results/prefix-cpu.md).
-DEFAULT_MIN_SHARED = 32
-
 SuffixBatching = Literal["one", "group_padded", "group_sorted", "cross_sorted"]
-
-
-@dataclass(frozen=True)
-class PrefixGroup:
-    """Items (indices into the planned list) whose first `prefix_len` tokens are identical."""
-
-    prefix_len: int
-    members: tuple[int, ...]
-
-
-@dataclass
-class PrefixPlan:
-    """What to compute: shared groups, singletons, and where each input's result comes from."""
-
-    source: list[int]  # for each input, the index of the identical input that is actually scored
-    groups: list[PrefixGroup]
-    singles: list[int]  # scored items in no group
-    tokens_total: int  # tokens the inputs hold
-    tokens_computed: int  # tokens the plan runs through the encoder
-
-    @property
-    def tokens_saved(self) -> int:
-        return self.tokens_total - self.tokens_computed
-
-    @property
-    def shared_items(self) -> int:
-        """Inputs whose computation was shared in part or whole (group members and duplicates)."""
-        grouped = {i for g in self.groups for i in g.members}
-        return sum(1 for i, s in enumerate(self.source) if s in grouped or s != i)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the identical leading run: binary search on C-speed slice comparison."""
-    lo, hi = 0, min(len(a), len(b))
-    if list(a[:hi]) == list(b[:hi]):
-        return hi
-    while hi - lo > 1:  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
-        mid = (lo + hi) // 2
-        if list(a[:mid]) == list(b[:mid]):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def plan_prefix_groups(
-    seqs: Sequence[Sequence[int]],
-    *,
-    min_shared: int | None = DEFAULT_MIN_SHARED,
-    keys: Sequence[Any] | None = None,
-    max_group: int = 256,
-) -> PrefixPlan:
-    """Group sequences by shared leading token runs; exact duplicates are always collapsed.
-
-    `keys` (default: the ids) decide what counts as a duplicate, e.g. ids + token types for encoders.
-    `min_shared=None` turns sharing off (duplicates still collapse). Each group has >= 2 members, a
-    shared run of >= `min_shared` tokens, and every member keeps >= 1 token of its own to pool at.
-    Sorting the ids puts sequences with long common runs side by side; a dynamic program then cuts
-    the sorted order into groups maximising the tokens saved (a shared system prompt of 40 tokens
-    must not swallow eight groups that each share 500).
-    """
-    n = len(seqs)
-    if keys is None:  # the common case, nothing shared: every item's first tokens differ (cheap to see)
-        head = max(1, min_shared or DEFAULT_MIN_SHARED)
-        if len({tuple(s[:head]) for s in seqs}) == n:  # so no duplicates and no shared runs of `head`
-            total = sum(len(s) for s in seqs)
-            return PrefixPlan(list(range(n)), [], list(range(n)), total, total)
-    first: dict[Any, int] = {}
-    source = []
-    for i in range(n):
-        key = tuple(seqs[i]) if keys is None else keys[i]
-        source.append(first.setdefault(key, i))
-    reps = [i for i in range(n) if source[i] == i]
-    total = sum(len(s) for s in seqs)
-    if min_shared is None or len(reps) < 2:
-        return PrefixPlan(source, [], reps, total, sum(len(seqs[i]) for i in reps))
-    min_shared = max(1, min_shared)
-    order = sorted(reps, key=lambda i: (tuple(seqs[i]), i))
-    m = len(order)
-    lcp = [_common_prefix(seqs[order[k]], seqs[order[k + 1]]) for k in range(m - 1)]
-    best = [0] * (m + 1)  # best[j]: most tokens saved over order[:j]
-    cut: list[tuple[int, int]] = [(0, 0)] * (m + 1)  # (segment start, shared length) ending at j
-    for j in range(1, m + 1):
-        best[j], cut[j] = best[j - 1], (j - 1, 0)  # order[j-1] alone
-        shared, shortest = 10**18, len(seqs[order[j - 1]])
-        for i in range(j - 2, max(-1, j - 1 - max_group), -1):  # segment order[i:j]
-            shared = min(shared, lcp[i])
-            shortest = min(shortest, len(seqs[order[i]]))
-            run = min(shared, shortest - 1)
-            if shared < min_shared:
-                break
-            if run >= min_shared and best[i] + (j - 1 - i) * run > best[j]:
-                best[j], cut[j] = best[i] + (j - 1 - i) * run, (i, run)
-    groups: list[PrefixGroup] = []
-    singles: list[int] = []
-    j = m
-    while j > 0:
-        i, run = cut[j]
-        if run:
-            groups.append(PrefixGroup(run, tuple(sorted(order[i:j]))))
-        else:
-            singles.append(order[j - 1])
-        j = i
-    groups.reverse()
-    singles.sort()
-    computed = sum(len(seqs[i]) for i in reps) - best[m]
-    return PrefixPlan(source, groups, singles, total, computed)
-
-
-def plan_shared_batches(
-    seqs: Sequence[Sequence[int]],
-    *,
-    token_budget: int,
-    max_batch_size: int,
-    max_padding: float = math.inf,
-    min_shared: int | None = DEFAULT_MIN_SHARED,
-    plan_singles: Callable[[Sequence[int]], list[list[int]]] | None = None,
-) -> list[list[int]]:
-    """Cut a window into encoder batches that keep each prefix group together where the budget allows.
-
-    A group costs its prefix once plus its suffixes (what the encoder computes); one over the budget
-    or `max_batch_size` is cut into chunks of similar suffix length, each sharing the prefix again.
-    Items in no group are planned as without sharing (`plan_singles` on their lengths; default:
-    length-sorted under the budget, cut at the padding cap).
-    Exact duplicates ride in their original's batch for free. Batches come out in arrival order of
-    their first item, so a window stays first-come first-served.
-    """
-    plan = plan_prefix_groups(seqs, min_shared=min_shared)
-    copies: dict[int, list[int]] = {}
-    for i, src in enumerate(plan.source):
-        if src != i:
-            copies.setdefault(src, []).append(i)
-    lengths = [len(s) for s in seqs]
-    batches: list[list[int]] = []
-    for g in plan.groups:
-        chunk: list[int] = []
-        cost = g.prefix_len
-        for i in sorted(g.members, key=lambda i: (lengths[i], i)):
-            suffix = lengths[i] - g.prefix_len
-            if chunk and (cost + suffix > token_budget or len(chunk) >= max_batch_size):
-                batches.append(chunk)
-                chunk, cost = [], g.prefix_len
-            chunk.append(i)
-            cost += suffix
-        batches.append(chunk)
-    singles = plan.singles
-    single_lengths = [lengths[i] for i in singles]
-    if plan_singles is not None:
-        batches += [[singles[k] for k in b] for b in plan_singles(single_lengths)]
-    else:
-        for planned in plan_batches(single_lengths, token_budget, max_batch_size):
-            batches += [
-                [singles[k] for k in b] for b in split_by_padding(planned, single_lengths, max_padding)
-            ]
-    out = [sorted(b + [c for i in b for c in copies.get(i, ())]) for b in batches]
-    out.sort(key=lambda b: b[0])
-    return out
-
-
-class WindowCost:
-    """Tokens a window will compute as items join it, so a window (and its budget) holds whole groups.
-
-    An item whose first `min_shared` tokens match an earlier item's costs only what follows their
-    common run (the planner may find a better grouping; this is the batcher's cheap running estimate).
-    """
-
-    def __init__(self, min_shared: int = DEFAULT_MIN_SHARED) -> None:
-        self.min_shared = max(1, min_shared)
-        self._first: dict[tuple[int, ...], Sequence[int]] = {}
-
-    def add(self, ids: Sequence[int]) -> int:
-        if len(ids) <= self.min_shared:
-            return len(ids)
-        key = tuple(ids[: self.min_shared])
-        first = self._first.get(key)
-        if first is None:
-            self._first[key] = ids
-            return len(ids)
-        return len(ids) - min(_common_prefix(first, ids), len(ids) - 1)
 
 
 # Prompt keys/values kept across batches (and requests), least recently used evicted: a GRPO group split
@@ -314,6 +135,15 @@ class PrefixStats:
     last: PrefixPlan | None = field(default=None, repr=False)
 
 
+class PrefixHost(Protocol):
+    """What the prefix scorer needs of its engine (ScoringEngine is one): its heads, batch policy and
+    longest item."""
+
+    heads: HeadForward
+    policy: BatchPolicy
+    max_length: int
+
+
 class PrefixScorer:
     """What `ScoringEngine.forward` runs unless sharing is off: duplicates collapsed for every model,
     prefixes shared for causal decoders that pass the self-check; `engine.forward_padded` does the
@@ -321,7 +151,7 @@ class PrefixScorer:
 
     def __init__(
         self,
-        engine: ScoringEngine,
+        engine: PrefixHost,
         *,
         enabled: bool = True,
         min_shared: int = DEFAULT_MIN_SHARED,
@@ -331,6 +161,7 @@ class PrefixScorer:
         cache_bytes: int = PREFIX_CACHE_BYTES,
     ) -> None:
         self.engine = engine
+        self.heads = engine.heads
         self.enabled = enabled
         self.min_shared = min_shared
         self.max_padding = engine.policy.max_padding if max_padding is None else max_padding
@@ -338,7 +169,7 @@ class PrefixScorer:
         self.stats = PrefixStats()
         self.cache = PrefixCache(cache_bytes, min_shared)
         self.on_plan: Callable[[PrefixPlan], None] | None = None  # metrics hook, after each success
-        self.sharing = enabled and is_causal_decoder(engine.model) and self._windows_cover(engine)
+        self.sharing = enabled and is_causal_decoder(engine.heads.model) and self._windows_cover(engine)
         if self.sharing and check:
             self.sharing = self._self_check()
             self.cache.clear()  # the probe's prompt is nobody's
@@ -374,7 +205,7 @@ class PrefixScorer:
             groups = groups + [PrefixGroup(n, tuple(members)) for n, members in hits.values()]
             saved += sum(n * len(members) for n, members in hits.values())
         for idxs in split_by_padding(singles, lengths, self.max_padding):
-            scored.update(zip(idxs, self.engine.forward_padded([batch[i] for i in idxs]), strict=True))
+            scored.update(zip(idxs, self.heads.forward_padded([batch[i] for i in idxs]), strict=True))
         if groups:
             scored.update(self._score_groups(batch, groups))
         if saved:  # what stats and metrics read: this batch's plan as run, the cache's savings included
@@ -455,7 +286,7 @@ class PrefixScorer:
         """One forward over the prefix alone; its per-layer keys/values (batch of 1)."""
         from transformers import DynamicCache
 
-        e = self.engine
+        e = self.heads
         with torch.inference_mode():
             cache = DynamicCache(config=e.model.config)
             e.model.base_model(
@@ -477,7 +308,7 @@ class PrefixScorer:
         """One forward of suffixes against their prefixes' keys/values; results in `part` order."""
         from transformers import DynamicCache
 
-        e = self.engine
+        e = self.heads
         n = len(part)
         plens = [groups[gi].prefix_len for gi, _ in part]
         sufs = [batch[i].input_ids[groups[gi].prefix_len :] for gi, i in part]
@@ -506,7 +337,7 @@ class PrefixScorer:
                 vs.append(nn.functional.pad(v, (0, 0, 0, pad)) if pad else v)
             layers.append((torch.cat(ks), torch.cat(vs)))
         positions = torch.tensor(plens)[:, None] + (smask.cumsum(-1) - 1).clamp(min=0)
-        ids, smask, pmask, positions = (e._to_device(t) for t in (ids, smask, pmask, positions))
+        ids, smask, pmask, positions = (e.to_device(t) for t in (ids, smask, pmask, positions))
         with torch.inference_mode():
             cache = DynamicCache(layers, config=e.model.config)
             out = e.model.base_model(
@@ -516,26 +347,23 @@ class PrefixScorer:
                 cache=cache,
                 use_cache=True,
             )
-            hidden, index = e._pool(out, smask)
-            res = multihead_reward(hidden, index, e.weight, e.bias)
-        return _scores(res, [batch[i] for _, i in part])
+            return e.scores(out, smask, [batch[i] for _, i in part])
 
     @staticmethod
-    def _windows_cover(engine: ScoringEngine) -> bool:
+    def _windows_cover(engine: PrefixHost) -> bool:
         """Sliding-window layers (Mistral: 4,096) keep only the last window of a cache: share only
         where no sequence can be longer than the window, so the window never drops a key."""
         from transformers import DynamicCache
 
-        if not any(DynamicCache(config=engine.model.config).is_sliding):
+        config = engine.heads.model.config
+        if not any(DynamicCache(config=config).is_sliding):
             return True
-        window = getattr(engine.model.config, "sliding_window", None)
+        window = getattr(config, "sliding_window", None)
         return window is not None and engine.max_length <= window
 
     def _self_check(self) -> bool:
         """Refuse sharing where it would change rewards: one probe group, sharing on vs off."""
-        from model_store.tokenization import EncodedItem
-
-        e = self.engine
+        e = self.heads
         vocab = int(getattr(e.model.config, "vocab_size", 0) or 0)
         if vocab < 8:
             return False
@@ -565,9 +393,3 @@ class PrefixScorer:
             )
             return False
         return True
-
-
-def _scores(res: Any, items: Sequence[EncodedItem]) -> list[ItemScore]:
-    from service.engine import item_scores  # one device-to-host transfer per batch, as the plain pass
-
-    return item_scores(res, items)

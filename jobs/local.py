@@ -16,21 +16,27 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from pydantic import ValidationError
 
-from model_store.aggregation import Aggregation, resolve_aggregation
+from model_store.aggregation import Aggregation
+from model_store.manifest import resolve_aggregation
+from model_store.tokenization import EncodedItem, Item, ItemError
 from model_store.uncertainty import std_percentile
-from service.batching import forward_isolating
-from service.engine import EncodedItem, Item, ItemError, ItemScore, ScoringEngine
-from service.errors import validation_message
-from service.protocol import ScoreItem
+from scoring.batching import forward_isolating
+from scoring.interface import Engine
+from scoring.items import ScoreItem, validation_message
+from scoring.results import ItemScore
 
 PROGRESS_VERSION = 1
+
+# Scores one chunk of (line number, raw line) into the output and errors streams, in input order;
+# returns (scored, errors). `ScoreJob.score_chunk` is the local one; jobs/ray_job.py plugs in its own.
+ChunkFn = Callable[[list[tuple[int, bytes]], IO[bytes], IO[bytes]], tuple[int, int]]
 
 
 class JobError(Exception):
@@ -58,24 +64,9 @@ def _fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def model_fingerprint(engine: ScoringEngine) -> str:
+def model_fingerprint(engine: Engine) -> str:
     """Identifies the weights and the settings that change rewards, so a resume never mixes two models."""
-    rm = engine.rm
-    files: Any = rm.manifest.files or sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(rm.path).iterdir() if p.is_file()
-    )
-    ident = {
-        "name": rm.name,
-        "version": rm.version,
-        "files": files,
-        "max_length": engine.max_length,
-        "truncation_side": engine.truncation_side,
-        "normalization": rm.manifest.normalization.model_dump() if rm.manifest.normalization else None,
-        "dtype": str(engine.weight.dtype),
-        # Rows carry std_percentile: other quantiles, other rows.
-        "disagreement": rm.manifest.disagreement.model_dump() if rm.manifest.disagreement else None,
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(engine.fingerprint(), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _count_lines(path: Path) -> int:
@@ -130,15 +121,19 @@ class ScoreJob:
 
     def __init__(
         self,
-        engine: ScoringEngine,
+        engine: Engine,
         input_path: Path,
         output_path: Path,
         errors_path: Path | None = None,
         *,
         aggregation: Aggregation | None = None,
         chunk_size: int = 512,
+        chunk_scorer: ChunkFn | None = None,
     ) -> None:
+        """`chunk_scorer` scores the chunks instead of this job's own `score_chunk` (e.g. on a Ray
+        actor pool); the job keeps reading, ordering, writing and checkpointing them."""
         self.engine = engine
+        self.chunk_scorer = chunk_scorer
         self.input = Path(input_path)
         self.output = Path(output_path)
         self.errors = Path(errors_path) if errors_path else default_errors_path(self.output)
@@ -152,7 +147,7 @@ class ScoreJob:
     def _job_identity(self) -> dict[str, Any]:
         return {
             "input": _fingerprint(self.input),
-            "model": f"{self.engine.rm.name}:{self.engine.rm.version}",
+            "model": f"{self.engine.name}:{self.engine.version}",
             "model_fingerprint": model_fingerprint(self.engine),
             "aggregation": self.aggregation.name,
             "uwo_lambda": self.aggregation.uwo_lambda,
@@ -218,8 +213,9 @@ class ScoreJob:
                 f.truncate(state[key])
                 f.seek(state[key])
             try:
+                score_chunk = self.chunk_scorer or self.score_chunk
                 for chunk in _read_chunks(src, skipped, self.chunk_size):
-                    n_ok, n_err = self._score_chunk(chunk, out, err)
+                    n_ok, n_err = score_chunk(chunk, out, err)
                     scored, errors = scored + n_ok, errors + n_err
                     for f in (out, err):
                         f.flush()
@@ -236,7 +232,8 @@ class ScoreJob:
         self._save_state(state)
         return JobResult(total, scored, errors, skipped)
 
-    def _score_chunk(self, chunk: list[tuple[int, bytes]], out: IO[bytes], err: IO[bytes]) -> tuple[int, int]:
+    def score_chunk(self, chunk: list[tuple[int, bytes]], out: IO[bytes], err: IO[bytes]) -> tuple[int, int]:
+        """Parse, encode and score one chunk; records to `out`, failures to `err`, in input order."""
         encoded: list[EncodedItem] = []
         meta: list[tuple[int, Any]] = []
         failures: dict[int, dict[str, Any]] = {}

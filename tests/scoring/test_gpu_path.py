@@ -9,7 +9,7 @@ import torch
 
 from model_store import ModelStore
 from model_store.loader import load_reward_model
-from service.engine import Item
+from scoring.engine import Item
 
 
 def test_one_device_to_host_transfer_per_batch(tiny_engine, monkeypatch):

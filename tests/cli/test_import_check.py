@@ -17,12 +17,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cli.import_check import PROBES
+from cli.main import app
 from model_store import ModelStore
 from model_store.loader import load_reward_model
 from model_store.manifest import MANIFEST_NAME
-from service.cli import app
-from service.engine import ScoringEngine
-from service.import_check import PROBES
+from scoring.engine import ScoringEngine
 
 
 def _import(src: Path, root: Path, *extra: str) -> tuple[int, str]:

@@ -13,8 +13,8 @@ from model_store import ModelStore, ModelStoreError, RewardManifest
 from model_store.aggregation import Aggregation
 from model_store.loader import load_reward_model
 from model_store.manifest import HeadNormalization
-from service.batching import BatchPolicy
-from service.engine import EncodedItem, Item, ItemError, ScoringEngine
+from scoring.batching import BatchPolicy
+from scoring.engine import EncodedItem, Item, ItemError, ScoringEngine
 
 WORDS = "the a reward model scores each answer with several heads and we take the minimum of them".split()
 
@@ -202,9 +202,9 @@ def test_right_truncation_and_reject(tiny_llama_dir: Path, tmp_path: Path) -> No
 def test_nan_in_encoder_output_is_not_hidden_by_min(tiny_engine: ScoringEngine, monkeypatch) -> None:
     """A broken row yields NaN everywhere (so callers can see it), never a finite min."""
     enc = [tiny_engine.encode(Item(text=t)) for t in ("good text", "another text")]
-    w = tiny_engine.weight.clone()
+    w = tiny_engine.heads.weight.clone()
     w[1, 0] = float("nan")
-    monkeypatch.setattr(tiny_engine, "weight", w)
+    monkeypatch.setattr(tiny_engine.heads, "weight", w)
     for s in tiny_engine.forward(enc):
         assert s.min != s.min and s.std != s.std
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.settings import Settings
-from service.settings_doc import END, START, replace_block, settings_block, settings_table
+from cli.settings_doc import END, START, replace_block, settings_block, settings_table
+from scoring.settings import Settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -20,7 +20,7 @@ def test_readme_table_is_up_to_date():
     text = README.read_text()
     assert START in text and END in text
     assert settings_block() in text, (
-        "README settings table is stale: python -m service.settings_doc --write README.md"
+        "README settings table is stale: python -m cli.settings_doc --write README.md"
     )
 
 

@@ -1,14 +1,15 @@
-"""`hydra-rm score-ray`: the batch job of service/jobs.py with its chunks scored by a Ray Data actor pool.
+"""`hydra-rm score-ray`: the batch job of jobs/local.py with its chunks scored by a Ray Data actor pool.
 
 The local job stays in charge of everything a job promises (checkpointed progress and resume, input
-order, the errors file, refusing a foreign output); only the scoring of a chunk moves to Ray. Each
-actor holds one engine and runs the local job's own chunk scorer (`ScoreJob._score_chunk`) on the
+order, the errors file, refusing a foreign output); only the scoring of a chunk moves to Ray, plugged
+into the local job as its chunk scorer (`RayChunks`). Each actor holds one engine and runs the local
+job's own chunk scorer (`ScoreJob.score_chunk`) on the
 lines of a chunk, so records and error lines are byte-for-byte the local job's, and Ray Data
 (`preserve_order=True`; it reorders otherwise, DESIGN.md) streams the finished chunks back in order
 to the driver, which writes and checkpoints them as the local job does.
 
 The driver loads the model once too: the job's resume identity fingerprints the weights and the
-settings that change rewards (service/jobs.py), and the aggregation is checked against the heads.
+settings that change rewards (jobs/local.py), and the aggregation is checked against the heads.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import IO, Any
 
 import ray
 
-from service.jobs import JobResult, ScoreJob
-from service.settings import Settings, build_engine
+from jobs.local import JobResult, ScoreJob
+from scoring.settings import Settings, build_engine
 
 
 def chunk_index(path: Path, first_line: int, chunk_size: int) -> list[dict[str, int]]:
@@ -66,7 +67,7 @@ class ChunkScorer:
         for start, offset, lines in zip(batch["start"], batch["offset"], batch["lines"], strict=True):
             chunk = read_chunk(self.job.input, int(start), int(offset), int(lines))
             out, err = io.BytesIO(), io.BytesIO()
-            ok, failed = self.job._score_chunk(chunk, out, err)
+            ok, failed = self.job.score_chunk(chunk, out, err)
             out_cols["start"].append(chunk[0][0])
             out_cols["stop"].append(chunk[-1][0])
             out_cols["out"].append(out.getvalue())
@@ -76,8 +77,76 @@ class ChunkScorer:
         return out_cols
 
 
-class RayScoreJob(ScoreJob):
-    """ScoreJob whose chunks are scored ahead, in parallel, by `actors` Ray actors."""
+class RayChunks:
+    """The chunk scorer a `ScoreJob` plugs in: each chunk comes back scored, in order, from an actor
+    pool that works ahead of the job's writes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_args: dict[str, Any],
+        *,
+        chunk_size: int,
+        actors: int,
+        num_cpus: float,
+        num_gpus: float | None,
+    ) -> None:
+        self.settings = settings
+        self.job_args = job_args
+        self.input = Path(job_args["input_path"])
+        self.chunk_size = chunk_size
+        self.actors = actors
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self._results: Iterator[dict[str, Any]] | None = None
+
+    def close(self) -> None:
+        """Stop Ray Data's iterator (and its prefetching) with the job."""
+        if self._results is not None:
+            self._results.close()
+            self._results = None
+
+    def _stream(self, first_line: int) -> Iterator[dict[str, Any]]:
+        """Scored chunks from `first_line` on, in input order, computed ahead by the actor pool."""
+        if not ray.is_initialized():
+            raise RuntimeError("connect to Ray first (ray.init)")
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # default False: 2 actors do reorder
+        num_gpus = self.num_gpus
+        if num_gpus is None:
+            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
+        index = chunk_index(self.input, first_line, self.chunk_size)
+        ds = ray.data.from_items(index, override_num_blocks=max(1, min(len(index), 4 * self.actors)))
+        scored = ds.map_batches(
+            ChunkScorer,
+            fn_constructor_kwargs={
+                "settings": self.settings,
+                "job_args": self.job_args,
+                "threads": int(self.num_cpus),
+            },
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            num_cpus=self.num_cpus,
+            num_gpus=num_gpus or None,
+        )
+        for batch in scored.iter_batches(batch_size=1, batch_format="pandas", prefetch_batches=self.actors):
+            yield batch.iloc[0].to_dict()
+
+    def __call__(self, chunk: list[tuple[int, bytes]], out: IO[bytes], err: IO[bytes]) -> tuple[int, int]:
+        if self._results is None:  # the first chunk the job asks for: resume point known now
+            self._results = self._stream(chunk[0][0])
+        got = next(self._results)
+        if (got["start"], got["stop"]) != (chunk[0][0], chunk[-1][0]):  # never write a chunk out of place
+            raise RuntimeError(
+                f"Ray returned lines {got['start']}-{got['stop']} where {chunk[0][0]}-{chunk[-1][0]} were due"
+            )
+        out.write(bytes(got["out"]))
+        err.write(bytes(got["err"]))
+        return int(got["ok"]), int(got["failed"])
+
+
+class RayScoreJob:
+    """A local `ScoreJob` whose chunks are scored ahead, in parallel, by `actors` Ray actors."""
 
     def __init__(
         self,
@@ -96,64 +165,26 @@ class RayScoreJob(ScoreJob):
         engine = build_engine(settings)
         # Resolved once here (settings over the manifest, as `score` does) and shipped to every actor.
         job_kwargs.setdefault("aggregation", settings.resolved_aggregation(engine.manifest))
-        super().__init__(engine, input_path, output_path, errors_path, **job_kwargs)
-        self.settings = settings
-        self.actors = actors
-        self.num_cpus = num_cpus
-        self.num_gpus = num_gpus
-        self._job_kwargs = job_kwargs
-        self._results: Iterator[dict[str, Any]] | None = None
-
-    def _job_args(self) -> dict[str, Any]:
-        return {
-            "input_path": self.input,
-            "output_path": self.output,
-            "errors_path": self.errors,
-            **self._job_kwargs,
+        self.job = ScoreJob(engine, input_path, output_path, errors_path, **job_kwargs)
+        self.errors = self.job.errors
+        job_args = {
+            "input_path": self.job.input,
+            "output_path": self.job.output,
+            "errors_path": self.job.errors,
+            **job_kwargs,
         }
+        self.chunks = RayChunks(
+            settings,
+            job_args,
+            chunk_size=self.job.chunk_size,
+            actors=actors,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        self.job.chunk_scorer = self.chunks
 
     def run(self, *, restart: bool = False, progress_bar: bool = True) -> JobResult:
         try:
-            return super().run(restart=restart, progress_bar=progress_bar)
+            return self.job.run(restart=restart, progress_bar=progress_bar)
         finally:
-            if self._results is not None:  # stop Ray Data's iterator (and its prefetching) with the job
-                self._results.close()
-                self._results = None
-
-    def _stream(self, first_line: int) -> Iterator[dict[str, Any]]:
-        """Scored chunks from `first_line` on, in input order, computed ahead by the actor pool."""
-        if not ray.is_initialized():
-            raise RuntimeError("connect to Ray first (ray.init)")
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # default False: 2 actors do reorder
-        num_gpus = self.num_gpus
-        if num_gpus is None:
-            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
-        index = chunk_index(self.input, first_line, self.chunk_size)
-        ds = ray.data.from_items(index, override_num_blocks=max(1, min(len(index), 4 * self.actors)))
-        scored = ds.map_batches(
-            ChunkScorer,
-            fn_constructor_kwargs={
-                "settings": self.settings,
-                "job_args": self._job_args(),
-                "threads": int(self.num_cpus),
-            },
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=self.actors),
-            num_cpus=self.num_cpus,
-            num_gpus=num_gpus or None,
-        )
-        for batch in scored.iter_batches(batch_size=1, batch_format="pandas", prefetch_batches=self.actors):
-            yield batch.iloc[0].to_dict()
-
-    def _score_chunk(self, chunk: list[tuple[int, bytes]], out: IO[bytes], err: IO[bytes]) -> tuple[int, int]:
-        if self._results is None:  # the first chunk the job asks for: resume point known now
-            self._results = self._stream(chunk[0][0])
-        got = next(self._results)
-        if (got["start"], got["stop"]) != (chunk[0][0], chunk[-1][0]):  # never write a chunk out of place
-            raise RuntimeError(
-                f"Ray returned lines {got['start']}-{got['stop']} where {chunk[0][0]}-{chunk[-1][0]} were due"
-            )
-        out.write(bytes(got["out"]))
-        err.write(bytes(got["err"]))
-        return int(got["ok"]), int(got["failed"])
+            self.chunks.close()

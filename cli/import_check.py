@@ -18,8 +18,8 @@ from pathlib import Path
 
 from model_store import ModelStore, ModelStoreError
 from model_store.loader import load_reward_model
-from service.engine import Item, ItemError, ScoringEngine
-from service.settings import Settings
+from scoring.engine import Item, ItemError, ScoringEngine
+from scoring.settings import Settings
 
 log = logging.getLogger("hydra_rm.import")
 

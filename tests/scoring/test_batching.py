@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from service.batching import padded_tokens, plan_batches
+from scoring.batching import padded_tokens, plan_batches
 
 
 @pytest.mark.parametrize("seed", range(20))

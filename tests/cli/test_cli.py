@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from cli.main import app
 
 
 def test_models_import_list_show(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -42,9 +42,9 @@ def test_score_serve_and_demo_resolve_the_aggregation_alike(
     tiny_llama_dir: Path, tiny_engine, tmp_path: Path, monkeypatch
 ) -> None:
     """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA mean the same to `score`, `serve` and `demo`."""
+    from scoring.settings import Settings
     from service.metrics import Metrics
     from service.runtime import ScoringService
-    from service.settings import Settings
 
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"prompt": "hi", "response": "hello there"}) + "\n")

@@ -10,19 +10,21 @@ batch is what pays; huge budgets lose to cache effects.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from scoring.results import ItemScore
 
 if TYPE_CHECKING:
     from model_store.tokenization import EncodedItem
-    from service.engine import ItemScore
 
 log = logging.getLogger("hydra_rm.batching")
 
-ForwardFn = Callable[[Sequence["EncodedItem"]], list["ItemScore"]]
-BatchObserver = Callable[[Sequence["EncodedItem"], Sequence["ItemScore"], float], None]
+ForwardFn = Callable[[Sequence["EncodedItem"]], list[ItemScore]]
+BatchObserver = Callable[[Sequence["EncodedItem"], Sequence[ItemScore], float], None]
 
 # Defaults by device (bench/results/engine-cpu.md: on CPU a 1-2k token budget is best and 16k loses
 # 12%; padding 8 random-length items together costs 40%, so the CPU padding cap is tight).
@@ -57,7 +59,7 @@ class BatchPolicy:
     token_budget: int = CPU_TOKEN_BUDGET
     max_batch_size: int = 64
     max_padding: float = CPU_MAX_PADDING
-    prefix_sharing: bool = True  # keep prefix groups in one batch (service/prefix.py); the engine
+    prefix_sharing: bool = True  # keep prefix groups in one batch (scoring/prefix.py); the engine
     # turns it off for models that cannot share
 
     @classmethod
@@ -92,8 +94,6 @@ class BatchPolicy:
         in one batch where the budget (prefix counted once) allows, duplicates with their original."""
         if not self.prefix_sharing:
             return self.plan([e.n_tokens for e in items])
-        from service.prefix import plan_shared_batches
-
         return plan_shared_batches(
             [e.input_ids for e in items],
             token_budget=self.token_budget,
@@ -157,6 +157,192 @@ def split_by_padding(batch: Sequence[int], lengths: Sequence[int], max_padding: 
     if current:
         out.append(current)
     return out
+
+
+# -- prefix planning: which items share a prompt, and batches that keep them together ----------
+
+# Shorter shared runs are not worth an extra forward call: 16 groups of 8 with responses of 20-60
+# tokens ran 0.86x at 8 shared tokens, 0.99x at 16, 1.14x at 32, 1.90x at 64 (bench/results/prefix-cpu.md).
+DEFAULT_MIN_SHARED = 32
+
+
+@dataclass(frozen=True)
+class PrefixGroup:
+    """Items (indices into the planned list) whose first `prefix_len` tokens are identical."""
+
+    prefix_len: int
+    members: tuple[int, ...]
+
+
+@dataclass
+class PrefixPlan:
+    """What to compute: shared groups, singletons, and where each input's result comes from."""
+
+    source: list[int]  # for each input, the index of the identical input that is actually scored
+    groups: list[PrefixGroup]
+    singles: list[int]  # scored items in no group
+    tokens_total: int  # tokens the inputs hold
+    tokens_computed: int  # tokens the plan runs through the encoder
+
+    @property
+    def tokens_saved(self) -> int:
+        return self.tokens_total - self.tokens_computed
+
+    @property
+    def shared_items(self) -> int:
+        """Inputs whose computation was shared in part or whole (group members and duplicates)."""
+        grouped = {i for g in self.groups for i in g.members}
+        return sum(1 for i, s in enumerate(self.source) if s in grouped or s != i)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the identical leading run: binary search on C-speed slice comparison."""
+    lo, hi = 0, min(len(a), len(b))
+    if list(a[:hi]) == list(b[:hi]):
+        return hi
+    while hi - lo > 1:  # invariant: a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if list(a[:mid]) == list(b[:mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def plan_prefix_groups(
+    seqs: Sequence[Sequence[int]],
+    *,
+    min_shared: int | None = DEFAULT_MIN_SHARED,
+    keys: Sequence[Any] | None = None,
+    max_group: int = 256,
+) -> PrefixPlan:
+    """Group sequences by shared leading token runs; exact duplicates are always collapsed.
+
+    `keys` (default: the ids) decide what counts as a duplicate, e.g. ids + token types for encoders.
+    `min_shared=None` turns sharing off (duplicates still collapse). Each group has >= 2 members, a
+    shared run of >= `min_shared` tokens, and every member keeps >= 1 token of its own to pool at.
+    Sorting the ids puts sequences with long common runs side by side; a dynamic program then cuts
+    the sorted order into groups maximising the tokens saved (a shared system prompt of 40 tokens
+    must not swallow eight groups that each share 500).
+    """
+    n = len(seqs)
+    if keys is None:  # the common case, nothing shared: every item's first tokens differ (cheap to see)
+        head = max(1, min_shared or DEFAULT_MIN_SHARED)
+        if len({tuple(s[:head]) for s in seqs}) == n:  # so no duplicates and no shared runs of `head`
+            total = sum(len(s) for s in seqs)
+            return PrefixPlan(list(range(n)), [], list(range(n)), total, total)
+    first: dict[Any, int] = {}
+    source = []
+    for i in range(n):
+        key = tuple(seqs[i]) if keys is None else keys[i]
+        source.append(first.setdefault(key, i))
+    reps = [i for i in range(n) if source[i] == i]
+    total = sum(len(s) for s in seqs)
+    if min_shared is None or len(reps) < 2:
+        return PrefixPlan(source, [], reps, total, sum(len(seqs[i]) for i in reps))
+    min_shared = max(1, min_shared)
+    order = sorted(reps, key=lambda i: (tuple(seqs[i]), i))
+    m = len(order)
+    lcp = [_common_prefix(seqs[order[k]], seqs[order[k + 1]]) for k in range(m - 1)]
+    best = [0] * (m + 1)  # best[j]: most tokens saved over order[:j]
+    cut: list[tuple[int, int]] = [(0, 0)] * (m + 1)  # (segment start, shared length) ending at j
+    for j in range(1, m + 1):
+        best[j], cut[j] = best[j - 1], (j - 1, 0)  # order[j-1] alone
+        shared, shortest = 10**18, len(seqs[order[j - 1]])
+        for i in range(j - 2, max(-1, j - 1 - max_group), -1):  # segment order[i:j]
+            shared = min(shared, lcp[i])
+            shortest = min(shortest, len(seqs[order[i]]))
+            run = min(shared, shortest - 1)
+            if shared < min_shared:
+                break
+            if run >= min_shared and best[i] + (j - 1 - i) * run > best[j]:
+                best[j], cut[j] = best[i] + (j - 1 - i) * run, (i, run)
+    groups: list[PrefixGroup] = []
+    singles: list[int] = []
+    j = m
+    while j > 0:
+        i, run = cut[j]
+        if run:
+            groups.append(PrefixGroup(run, tuple(sorted(order[i:j]))))
+        else:
+            singles.append(order[j - 1])
+        j = i
+    groups.reverse()
+    singles.sort()
+    computed = sum(len(seqs[i]) for i in reps) - best[m]
+    return PrefixPlan(source, groups, singles, total, computed)
+
+
+def plan_shared_batches(
+    seqs: Sequence[Sequence[int]],
+    *,
+    token_budget: int,
+    max_batch_size: int,
+    max_padding: float = math.inf,
+    min_shared: int | None = DEFAULT_MIN_SHARED,
+    plan_singles: Callable[[Sequence[int]], list[list[int]]] | None = None,
+) -> list[list[int]]:
+    """Cut a window into encoder batches that keep each prefix group together where the budget allows.
+
+    A group costs its prefix once plus its suffixes (what the encoder computes); one over the budget
+    or `max_batch_size` is cut into chunks of similar suffix length, each sharing the prefix again.
+    Items in no group are planned as without sharing (`plan_singles` on their lengths; default:
+    length-sorted under the budget, cut at the padding cap).
+    Exact duplicates ride in their original's batch for free. Batches come out in arrival order of
+    their first item, so a window stays first-come first-served.
+    """
+    plan = plan_prefix_groups(seqs, min_shared=min_shared)
+    copies: dict[int, list[int]] = {}
+    for i, src in enumerate(plan.source):
+        if src != i:
+            copies.setdefault(src, []).append(i)
+    lengths = [len(s) for s in seqs]
+    batches: list[list[int]] = []
+    for g in plan.groups:
+        chunk: list[int] = []
+        cost = g.prefix_len
+        for i in sorted(g.members, key=lambda i: (lengths[i], i)):
+            suffix = lengths[i] - g.prefix_len
+            if chunk and (cost + suffix > token_budget or len(chunk) >= max_batch_size):
+                batches.append(chunk)
+                chunk, cost = [], g.prefix_len
+            chunk.append(i)
+            cost += suffix
+        batches.append(chunk)
+    singles = plan.singles
+    single_lengths = [lengths[i] for i in singles]
+    if plan_singles is not None:
+        batches += [[singles[k] for k in b] for b in plan_singles(single_lengths)]
+    else:
+        for planned in plan_batches(single_lengths, token_budget, max_batch_size):
+            batches += [
+                [singles[k] for k in b] for b in split_by_padding(planned, single_lengths, max_padding)
+            ]
+    out = [sorted(b + [c for i in b for c in copies.get(i, ())]) for b in batches]
+    out.sort(key=lambda b: b[0])
+    return out
+
+
+class WindowCost:
+    """Tokens a window will compute as items join it, so a window (and its budget) holds whole groups.
+
+    An item whose first `min_shared` tokens match an earlier item's costs only what follows their
+    common run (the planner may find a better grouping; this is the batcher's cheap running estimate).
+    """
+
+    def __init__(self, min_shared: int = DEFAULT_MIN_SHARED) -> None:
+        self.min_shared = max(1, min_shared)
+        self._first: dict[tuple[int, ...], Sequence[int]] = {}
+
+    def add(self, ids: Sequence[int]) -> int:
+        if len(ids) <= self.min_shared:
+            return len(ids)
+        key = tuple(ids[: self.min_shared])
+        first = self._first.get(key)
+        if first is None:
+            self._first[key] = ids
+            return len(ids)
+        return len(ids) - min(_common_prefix(first, ids), len(ids) - 1)
 
 
 def forward_isolating(

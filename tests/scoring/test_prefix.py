@@ -13,17 +13,10 @@ from transformers import AutoModelForSequenceClassification
 from model_store import ModelStore
 from model_store.loader import load_reward_model
 from model_store.tokenization import EncodedItem, Item
+from scoring.batching import BatchPolicy, PrefixGroup, plan_prefix_groups, plan_shared_batches
+from scoring.engine import ScoringEngine
+from scoring.prefix import PrefixCache, PrefixScorer, is_causal_decoder
 from service.batcher import Batcher
-from service.batching import BatchPolicy
-from service.engine import ScoringEngine
-from service.prefix import (
-    PrefixCache,
-    PrefixGroup,
-    PrefixScorer,
-    is_causal_decoder,
-    plan_prefix_groups,
-    plan_shared_batches,
-)
 from tests.builders import build_tiny_decoder
 
 ATOL = 1e-5
@@ -396,7 +389,7 @@ async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engin
 def test_setting_turns_sharing_off_and_encoders_plan_without_it(
     tiny_llama_dir: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    from service.settings import Settings
+    from scoring.settings import Settings
 
     assert Settings().prefix_sharing == "auto" and Settings().batch_policy().prefix_sharing
     off_policy = Settings(prefix_sharing="off").batch_policy()
@@ -418,7 +411,7 @@ def test_setting_turns_sharing_off_and_encoders_plan_without_it(
 async def test_a_group_arriving_as_separate_requests_lands_in_one_batch() -> None:
     """16 requests sharing a 1,000-token prompt: 16k raw tokens overflow a window of 8 x 1,100, but
     the prompt counted once (1,080) fits one batch; the window must not cut the group in two."""
-    from service.engine import ItemScore
+    from scoring.results import ItemScore
 
     batches: list[int] = []
 
@@ -440,8 +433,8 @@ async def test_a_group_arriving_as_separate_requests_lands_in_one_batch() -> Non
 def test_batch_job_shares_and_writes_the_same_rewards(tiny_llama_dir: Path, tmp_path: Path) -> None:
     import json
 
-    from service.jobs import ScoreJob
-    from service.settings import Settings
+    from jobs.local import ScoreJob
+    from scoring.settings import Settings
 
     rng = random.Random(8)
     words = "the reward model scores each answer with several heads and we take the minimum".split()
@@ -472,7 +465,7 @@ def test_batch_job_shares_and_writes_the_same_rewards(tiny_llama_dir: Path, tmp_
 
 
 def test_service_counts_tokens_saved_and_shared_items(tiny_engine: ScoringEngine) -> None:
-    from service.settings import Settings
+    from scoring.settings import Settings
     from tests.service.conftest import live_server
 
     prompt = "Tell me about reward models. " * 12

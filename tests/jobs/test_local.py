@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from jobs.local import JobError, ScoreJob
 from model_store.aggregation import Aggregation
-from service.engine import Item, ScoringEngine
-from service.jobs import JobError, ScoreJob
+from scoring.engine import Item, ScoringEngine
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = "a helpful answer explains each step while a harmful one is rude or wrong".split()
@@ -69,7 +69,7 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_llama_dir: Path, tmp_path:
     """SIGKILL mid-run (a real process), then resume: byte for byte the output of an uninterrupted run."""
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from cli.main import app
 
     src = tmp_path / "in.jsonl"
     _write_input(src, 600, seed=3, bad_every=101)
@@ -82,11 +82,9 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_llama_dir: Path, tmp_path:
                 "--chunk-size", "25", "--no-progress", "--store", store]  # fmt: skip
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # as this process (conftest)
-    code = "import time; import service.jobs as j; f = j.ScoreJob._score_chunk\n"
-    code += (
-        "j.ScoreJob._score_chunk = lambda *a: (time.sleep(0.01), f(*a))[1]\n"  # never done before the kill
-    )
-    code += "from service.cli import app; app()"
+    code = "import time; import jobs.local as j; f = j.ScoreJob.score_chunk\n"
+    code += "j.ScoreJob.score_chunk = lambda *a: (time.sleep(0.01), f(*a))[1]\n"  # never done before the kill
+    code += "from cli.main import app; app()"
     proc = subprocess.Popen([sys.executable, "-c", code, *args(out)], env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while True:
@@ -156,7 +154,7 @@ def test_poison_item_is_isolated(tiny_engine: ScoringEngine, tmp_path: Path, mon
 def test_cli_score_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from service.cli import app
+    from cli.main import app
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text(
@@ -217,7 +215,7 @@ def test_restart_then_crash_then_resume_is_clean(
         raise KeyboardInterrupt
 
     job = ScoreJob(tiny_engine, src, out, chunk_size=10)
-    monkeypatch.setattr(job, "_score_chunk", crash)
+    monkeypatch.setattr(job, "score_chunk", crash)
     with pytest.raises(KeyboardInterrupt):
         job.run(restart=True, progress_bar=False)
     assert out.read_text() == ""
@@ -280,7 +278,7 @@ def test_memory_does_not_grow_with_file_size(tiny_engine: ScoringEngine, tmp_pat
     that returns one score per item; tokenizing, planning, writing and checkpointing are real."""
     import tracemalloc
 
-    from service.engine import ItemScore
+    from scoring.results import ItemScore
 
     def forward(batch):
         return [ItemScore([0.1, 0.2, 0.3, 0.4], 0.1, 0.4, 0.25, 0.1, e.n_tokens, e.truncated) for e in batch]

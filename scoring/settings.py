@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         description="Most padding a service batch may carry, as a share of its real tokens (batches are "
         "split beyond it). Default 0 on CPU: rows of different lengths run apart (a padded batch cost 1.8x per "
         "token with 1.7% padding, bench/results/peer-padding-ab-cpu.md), 0.25 on CUDA, where a 7-8B model is compute-bound "
-        "past ~300 tokens per batch (the arithmetic is at GPU_MAX_PADDING in service/batching.py).",
+        "past ~300 tokens per batch (the arithmetic is at GPU_MAX_PADDING in scoring/batching.py).",
     )
     prefix_sharing: Literal["auto", "off"] = Field(
         default="auto",
@@ -195,17 +195,17 @@ class Settings(BaseSettings):
     def resolved_aggregation(self, manifest):  # noqa: ANN001, ANN201 - RewardManifest -> Aggregation
         """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA (or the CLI options that override them) over the
         manifest's defaults: `serve`, `score` and `demo` all resolve here."""
-        from model_store.aggregation import resolve_aggregation
+        from model_store.manifest import resolve_aggregation
 
         try:
             return resolve_aggregation(manifest, self.aggregation, self.uwo_lambda)
         except ValueError as e:
             raise ValueError(f"aggregation setting: {e}") from e
 
-    def batch_policy(self):  # noqa: ANN201 - service.batching.BatchPolicy
+    def batch_policy(self):  # noqa: ANN201 - scoring.batching.BatchPolicy
         """Token budget, batch size and padding cap for this device: what the service's batcher and
-        the JSONL job both batch by (defaults in service/batching.py)."""
-        from service.batching import BatchPolicy
+        the JSONL job both batch by (defaults in scoring/batching.py)."""
+        from scoring.batching import BatchPolicy
 
         return BatchPolicy.resolve(
             self.resolved_device(),
@@ -238,7 +238,7 @@ def apply_torch_threads(settings: Settings) -> int:
     """Set torch's intra-op threads once per process, before the first forward; returns the count.
 
     `auto` leaves torch's own choice alone: OMP_NUM_THREADS when set (Ray sets it per actor, and
-    service/ray_jobs.py sets the actor's count before building its engine), else the cores this
+    jobs/ray_job.py sets the actor's count before building its engine), else the cores this
     process may run on (torch honours taskset/affinity: `taskset -c 0` gives 1 here). Applied where
     the engine is built, not per request: torch keeps one process-wide value that each thread reads
     on its first parallel op, and the batcher's forward thread starts after the engine is built
@@ -251,11 +251,11 @@ def apply_torch_threads(settings: Settings) -> int:
     return torch.get_num_threads()
 
 
-def build_engine(settings: Settings):  # noqa: ANN201 - returns service.engine.ScoringEngine
+def build_engine(settings: Settings):  # noqa: ANN201 - returns scoring.engine.ScoringEngine
     """Load the configured model into an engine (shared by `serve` and `score`)."""
     from model_store import ModelStore
     from model_store.loader import load_reward_model
-    from service.engine import ScoringEngine
+    from scoring.engine import ScoringEngine
 
     apply_torch_threads(settings)
     rm = load_reward_model(

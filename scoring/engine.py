@@ -1,0 +1,181 @@
+"""Scoring engine: tokenize -> one encoder pass per batch -> all K heads via the fused kernel.
+
+Invariants the tests hold us to:
+- a reward equals the Hugging Face model's own logits for that head (1e-5, fp32);
+- a reward does not depend on its batch: padding, batch size and neighbours change nothing beyond
+  float rounding. So the pooled position comes from the attention mask (never from pad ids), and
+  decoders get explicit position ids so left padding does not shift RoPE positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from model_store.errors import ModelStoreError
+from model_store.loader import RewardModel
+from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
+from scoring.batching import BatchPolicy
+from scoring.heads import HeadForward, allow_tf32, resolve_head
+from scoring.prefix import PrefixScorer
+from scoring.results import ItemScore
+
+log = logging.getLogger("hydra_rm.engine")
+
+__all__ = ["EncodedItem", "Item", "ItemError", "ItemScore", "ScoringEngine"]
+
+
+class ScoringEngine:
+    """Scores items with one shared encoder and K heads; thread-compatible (one forward at a time)."""
+
+    def __init__(
+        self,
+        rm: RewardModel,
+        *,
+        policy: BatchPolicy | None = None,
+        padding_side: Literal["right", "left"] = "right",
+        max_length: int | None = None,
+        truncation_side: str | None = None,
+    ) -> None:
+        self.rm = rm
+        self.model = rm.model
+        self.tokenizer = rm.tokenizer
+        self.manifest = rm.manifest
+        self.device = next(self.model.parameters()).device
+        if self.device.type == "cuda":
+            allow_tf32()
+        # How `score` batches; the service's batcher and the JSONL job plan with this same policy.
+        self.policy = policy or BatchPolicy.resolve(str(self.device))
+        model_max = getattr(self.model.config, "max_position_embeddings", None)
+        self.items = ItemTokenizer(
+            self.tokenizer,
+            self.manifest,
+            max_length=max_length,
+            truncation_side=truncation_side,
+            model_max_length=model_max,
+        )
+        self.max_length = self.items.max_length
+        self.truncation_side = self.items.truncation_side
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Pooling, folded heads, device transfer and the plain padded pass (scoring/heads.py).
+        self.heads = HeadForward(self.model, self.manifest, pad_id=pad_id, padding_side=padding_side)
+        self.head = self.heads.head
+        self.is_decoder = self.heads.is_decoder
+        self.padding_side = self.heads.padding_side
+        self.has_chat_template = self.items.has_chat_template
+        if self.head.kind == resolve_head(self.model, "auto").kind:  # an explicit override has no HF twin
+            self._self_check()
+        # Shared prompts encoded once, duplicates scored once (scoring/prefix.py); the batch plan only
+        # keeps prefix groups together where this model can really share.
+        self.prefix = PrefixScorer(self, enabled=self.policy.prefix_sharing)
+        if self.policy.prefix_sharing and not self.prefix.sharing:
+            self.policy = replace(self.policy, prefix_sharing=False)
+
+    # -- model facts -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.rm.name
+
+    @property
+    def version(self) -> str:
+        return self.rm.version
+
+    @property
+    def num_heads(self) -> int:
+        return self.manifest.num_heads
+
+    @property
+    def head_names(self) -> list[str]:
+        return list(self.manifest.head_names)
+
+    def _self_check(self) -> None:
+        """Refuse an architecture whose head we would reproduce wrongly (e.g. DistilBERT's
+        pre_classifier, ELECTRA's GELU head): one probe through our path vs. the model's own forward."""
+        ids, types = self.items.tokenize(Item(text="hydra-rm self-check: is this reward the model's own?"))
+        cut = slice(0, min(len(ids), self.max_length))  # whatever the truncation policy, probe in range
+        probe = EncodedItem(ids[cut], types[cut] if types is not None else None, False, len(ids))
+        ours = torch.tensor(self.forward_padded([probe])[0].rewards)
+        kw: dict[str, Any] = {"input_ids": torch.tensor([probe.input_ids], device=self.device)}
+        if probe.token_type_ids is not None:
+            kw["token_type_ids"] = torch.tensor([probe.token_type_ids], device=self.device)
+        with torch.inference_mode():
+            ref = self.model(**kw).logits[0].float().cpu()
+        norm = self.manifest.normalization
+        if norm is not None:
+            ref = (ref - torch.tensor(norm.mean)) / torch.tensor(norm.std)
+        tol = 1e-3 if self.head.linear.weight.dtype == torch.float32 else 5e-2
+        if not torch.allclose(ours, ref, atol=tol, rtol=tol):
+            raise ModelStoreError(
+                f"{type(self.model).__name__} is not supported: hydra-rm's pooling + heads do not reproduce "
+                f"the model's own logits (max difference {(ours - ref).abs().max().item():.3g})"
+            )
+
+    # -- tokenization ----------------------------------------------------------------------------
+    def encode(self, item: Item) -> EncodedItem:
+        """Tokenize and truncate per the model's policy (model_store/tokenization.py)."""
+        return self.items.encode(item)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def forward(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+        """Score one planned batch, results in batch order: shared prefixes and duplicates computed
+        once (scoring/prefix.py) unless HYDRA_RM_PREFIX_SHARING=off; equal to `forward_padded`."""
+        if self.prefix.enabled:
+            return self.prefix.forward(batch)
+        return self.forward_padded(batch)
+
+    def forward_padded(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+        """One encoder pass over `batch` (padded to its longest row); results in batch order."""
+        return self.heads.forward_padded(batch)
+
+    def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
+        """Batches planned by `self.policy`; results in input order."""
+        results: list[ItemScore | None] = [None] * len(encoded)
+        for idxs in self.policy.plan_items(encoded):
+            for i, s in zip(idxs, self.forward([encoded[i] for i in idxs]), strict=True):
+                results[i] = s
+        return results  # type: ignore[return-value]
+
+    def score(self, items: Iterable[Item]) -> list[ItemScore]:
+        return self.score_encoded([self.encode(it) for it in items])
+
+    def warmup(self) -> None:
+        """One real forward so the first request does not pay for lazy initialisation."""
+        self.score([Item(text="warm up the reward model")])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.rm.name,
+            "version": self.rm.version,
+            "num_heads": self.num_heads,
+            "head_names": self.head_names,
+            "encoder": self.rm.info.get("model_type"),
+            "architecture": self.rm.info.get("architecture"),
+            "pooling": self.head.kind,
+            "max_length": self.max_length,
+            "truncation_side": self.truncation_side,
+            "chat_template": self.has_chat_template,
+            "device": str(self.device),
+        }
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The weights and the settings that change rewards (scoring/interface.py)."""
+        rm = self.rm
+        files: Any = rm.manifest.files or sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(rm.path).iterdir() if p.is_file()
+        )
+        return {
+            "name": rm.name,
+            "version": rm.version,
+            "files": files,
+            "max_length": self.max_length,
+            "truncation_side": self.truncation_side,
+            "normalization": rm.manifest.normalization.model_dump() if rm.manifest.normalization else None,
+            "dtype": str(self.heads.weight.dtype),
+            # Rows carry std_percentile: other quantiles, other rows.
+            "disagreement": rm.manifest.disagreement.model_dump() if rm.manifest.disagreement else None,
+        }

@@ -1,0 +1,180 @@
+"""The K heads over one encoder pass: head resolution, folded normalisation, pooling, device transfer
+and the plain padded forward.
+
+Shared by the engine (plain passes) and the prefix scorer (suffixes over cached prefixes), so both
+pool, transfer and read results back the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from kernels import multihead_reward
+from model_store.errors import ModelStoreError
+from model_store.manifest import RewardManifest
+from model_store.tokenization import EncodedItem
+from scoring.results import ItemScore
+
+log = logging.getLogger("hydra_rm.engine")
+
+PoolKind = Literal["last_token", "first_token", "pooler", "cls_head"]
+
+
+@dataclass(frozen=True)
+class Head:
+    kind: PoolKind
+    linear: nn.Linear
+    pre: nn.Module | None = None  # RoBERTa-style dense+tanh before the final projection
+
+
+def resolve_head(model: nn.Module, pooling: str) -> Head:
+    """Find the K-way linear layer and how its input is pooled, for the architectures we verify."""
+    score = getattr(model, "score", None)
+    classifier = getattr(model, "classifier", None)
+    if isinstance(score, nn.Linear):  # Llama/Qwen/Mistral/Gemma/GPT-2 style: last real token
+        if pooling == "pooler":
+            raise ModelStoreError("manifest asks for pooling=pooler but this decoder has no pooler")
+        kind: PoolKind = "last_token" if pooling in {"auto", "last_token"} else pooling  # type: ignore[assignment]
+        return Head(kind, score)
+    if isinstance(classifier, nn.Linear):
+        base = model.base_model
+        has_pooler = getattr(base, "pooler", None) is not None or getattr(model, "pooler", None) is not None
+        if pooling in {"auto", "pooler"} and has_pooler:
+            return Head("pooler", classifier)
+        if pooling == "pooler":
+            raise ModelStoreError("manifest asks for pooling=pooler but the model has no pooler")
+        return Head("last_token" if pooling == "last_token" else "first_token", classifier)
+    if classifier is not None and isinstance(getattr(classifier, "out_proj", None), nn.Linear):
+        return Head("cls_head", classifier.out_proj, pre=classifier.dense)  # RoBERTa family
+    raise ModelStoreError(
+        f"unsupported architecture {type(model).__name__}: hydra-rm needs a sequence-classification model "
+        "whose head is `score` (decoders), `classifier` (BERT/DeBERTa) or `classifier.out_proj` (RoBERTa)"
+    )
+
+
+def allow_tf32() -> None:
+    """fp32 encoders on CUDA run their matmuls on TF32 tensor cores (10-bit mantissa products,
+    fp32 accumulation: ~1e-3 relative on logits, the tolerance the engine's self-check allows fp16/
+    bf16; an A100/H100 does ~8x the FLOP/s). Process-wide, so set only when a CUDA engine loads."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    log.info("CUDA engine: TF32 matmuls allowed for fp32 weights")
+
+
+def fold_heads(head: Head, manifest: RewardManifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold per-head normalisation into the head weights once: (Wx + b - mu) / sigma."""
+    w = head.linear.weight.detach().to(torch.float32)
+    b = head.linear.bias
+    b = b.detach().to(torch.float32) if b is not None else torch.zeros(w.shape[0], device=w.device)
+    norm = manifest.normalization
+    if norm is not None:
+        mean = torch.tensor(norm.mean, dtype=torch.float32, device=w.device)
+        std = torch.tensor(norm.std, dtype=torch.float32, device=w.device)
+        w = w / std[:, None]
+        b = (b - mean) / std
+    # Half-precision encoders keep half-precision head weights (exact when nothing was folded):
+    # with both kernel operands in bf16/fp16 the Triton kernel can use tensor cores.
+    model_dtype = head.linear.weight.dtype
+    if model_dtype in (torch.float16, torch.bfloat16):
+        w = w.to(model_dtype)
+    return w.contiguous(), b.contiguous()
+
+
+def _to_host(res: Any) -> list[list[float]]:
+    """All outputs in one device-to-host transfer: rows of [K rewards, min, max, mean, std].
+
+    Five separate `.cpu()` calls were five synchronising copies per batch on CUDA."""
+    packed = torch.cat([res.rewards, torch.stack([res.min, res.max, res.mean, res.std], dim=1)], dim=1)
+    return packed.cpu().tolist()
+
+
+def item_scores(res: Any, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+    """One ItemScore per row of a kernel result (plain and shared-prefix forwards alike)."""
+    k = res.rewards.shape[1]
+    return [
+        ItemScore(r[:k], r[k], r[k + 1], r[k + 2], r[k + 3], e.n_tokens, e.truncated)
+        for r, e in zip(_to_host(res), batch, strict=True)
+    ]
+
+
+class HeadForward:
+    """A sequence classifier's encoder with its K heads folded for the fused kernel."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        manifest: RewardManifest,
+        *,
+        pad_id: int,
+        padding_side: Literal["right", "left"],
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.head = resolve_head(model, manifest.pooling)
+        self.is_decoder = self.head.kind == "last_token"
+        # Encoders pool at position 0 (CLS) and use absolute positions: they must be right-padded.
+        self.padding_side = padding_side if self.is_decoder else "right"
+        self.pad_id = pad_id
+        self.weight, self.bias = fold_heads(self.head, manifest)
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host-to-device from pinned memory, asynchronous on CUDA; pinning is skipped on CPU (where
+        there is no copy, and a CPU-only torch cannot pin)."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def pool(self, out: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kernel's input: hidden states and the pooled row per item (None: already pooled)."""
+        kind = self.head.kind
+        if kind == "pooler":
+            pooled = getattr(out, "pooler_output", None)
+            if pooled is None:  # DeBERTa keeps its pooler on the task model, not the base model
+                pooled = self.model.pooler(out.last_hidden_state)
+            return pooled, None
+        hidden = out.last_hidden_state
+        t = mask.shape[1]
+        if kind == "last_token":
+            index = (t - 1) - mask.flip(-1).argmax(-1)
+        else:
+            index = mask.argmax(-1)
+        if kind == "cls_head":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return torch.tanh(self.head.pre(hidden[rows, index])), None
+        return hidden, index
+
+    def scores(self, out: Any, mask: torch.Tensor, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+        """Pool an encoder output, run all K heads in the fused kernel, one transfer back to the host."""
+        hidden, index = self.pool(out, mask)
+        return item_scores(multihead_reward(hidden, index, self.weight, self.bias), batch)
+
+    def forward_padded(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
+        """One encoder pass over `batch` (padded to its longest row); results in batch order."""
+        if not batch:
+            return []
+        n, t = len(batch), max(e.n_tokens for e in batch)
+        ids = torch.full((n, t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, t), dtype=torch.long)
+        types = torch.zeros((n, t), dtype=torch.long) if batch[0].token_type_ids is not None else None
+        for r, e in enumerate(batch):
+            sl = slice(t - e.n_tokens, t) if self.padding_side == "left" else slice(0, e.n_tokens)
+            ids[r, sl] = torch.tensor(e.input_ids)
+            mask[r, sl] = 1
+            if types is not None and e.token_type_ids is not None:
+                types[r, sl] = torch.tensor(e.token_type_ids)
+        ids, mask = self.to_device(ids), self.to_device(mask)
+        kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            kwargs["token_type_ids"] = self.to_device(types)
+        if self.is_decoder:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+            kwargs["use_cache"] = False
+        with torch.inference_mode():
+            out = self.model.base_model(**kwargs)
+            return self.scores(out, mask, batch)
