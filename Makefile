@@ -82,5 +82,10 @@ vllm-env: $(VLLM_VENV)/.installed
 test-vllm: $(STAMP) $(VLLM_VENV)/.installed
 	$(BIN)/python -m pytest -q tests/scoring/test_vllm_engine.py
 
+# hydra-rm vs vLLM on one model and the same items (not part of CI; builds .venv-vllm on first use).
+.PHONY: bench-peer
+bench-peer: $(STAMP) vllm-env
+	$(BIN)/python bench/peer_vllm.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -72,22 +72,26 @@ class Shape:
         }
 
 
-def scrape(url: str) -> dict[str, float]:
-    """The batch counters this bench reads from the server's own /metrics."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    wanted = {
+BATCH_COUNTERS = frozenset(
+    {
         "hydra_rm_batch_size_count",
         "hydra_rm_batch_tokens_sum",
         "hydra_rm_tokens_total",
         "hydra_rm_inference_seconds_sum",
     }
+)
+
+
+def scrape(url: str, wanted: frozenset[str] = BATCH_COUNTERS) -> dict[str, float]:
+    """The counters this bench reads from a server's /metrics (a name's samples summed over labels)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
         for sample in family.samples:
             if sample.name in wanted:
-                out[sample.name] = sample.value
+                out[sample.name] = out.get(sample.name, 0.0) + sample.value
     return out
 
 

@@ -63,14 +63,21 @@ def _text_of(tok: Any, words: list[str], rng: random.Random, n_tokens: int) -> s
     return " ".join(pool[:lo])
 
 
-def grpo_texts(tok: Any, seed: int, prompts: int, group: int, shared: bool = True) -> list[str]:
+def grpo_texts(
+    tok: Any,
+    seed: int,
+    prompts: int,
+    group: int,
+    shared: bool = True,
+    prompt_tokens: tuple[int, int] = (300, 800),
+) -> list[str]:
     """`prompts` x `group` full texts; with shared=False every item gets its own prompt."""
     rng, words = random.Random(seed), _words()
     texts = []
     for _ in range(prompts):
-        prompt = _text_of(tok, words, rng, rng.randint(300, 800))
+        prompt = _text_of(tok, words, rng, rng.randint(*prompt_tokens))
         for _ in range(group):
-            p = prompt if shared else _text_of(tok, words, rng, rng.randint(300, 800))
+            p = prompt if shared else _text_of(tok, words, rng, rng.randint(*prompt_tokens))
             texts.append(p + "\n" + _text_of(tok, words, rng, rng.randint(20, 300)))
     return texts  # in the order a GRPO trainer sends them: each prompt's G responses together
 
@@ -244,7 +251,7 @@ def section_http(
         PYTHONPATH=str(ROOT),
         HYDRA_RM_STORE_ROOT=str(tmp / "store"),
         HYDRA_RM_LOG_LEVEL="warning",
-        OMP_NUM_THREADS=str(threads),
+        **({"OMP_NUM_THREADS": str(threads)} if threads else {}),
     )
     urls, procs = {}, []
     out: dict[str, Any] = {"lines": []}
@@ -385,15 +392,18 @@ def main() -> None:
         type=int,
         default=1,
         help="torch intra-op threads, here and in the servers (1: on a busy shared host 2 threads can be "
-        "20x slower, DESIGN.md; the thread default itself is another measurement)",
+        "20x slower, DESIGN.md; the thread default itself is another measurement; 0: the default, "
+        "torch's own count, nothing pinned)",
     )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
     import torch
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from model_store import ModelStore
     from model_store.loader import load_reward_model

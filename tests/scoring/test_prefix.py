@@ -15,7 +15,7 @@ from model_store.loader import load_reward_model
 from model_store.tokenization import EncodedItem, Item
 from scoring.batching import BatchPolicy, PrefixGroup, plan_prefix_groups, plan_shared_batches
 from scoring.engine import ScoringEngine
-from scoring.prefix import PrefixScorer, is_causal_decoder
+from scoring.prefix import PrefixCache, PrefixScorer, is_causal_decoder
 from service.batcher import Batcher
 from tests.builders import build_tiny_decoder
 
@@ -312,8 +312,53 @@ def test_group_straddling_two_batches_scores_the_same(
     for b in batches:
         got.update(zip(b, (s.rewards for s in scorer.forward([items[i] for i in b])), strict=True))
     assert scorer.stats.groups == len(batches)
+    assert scorer.stats.cache_hits == len(batches) - 1  # the prompt was encoded once, then reused
     want = _hf_alone(tiny_llama_dir, items)
     torch.testing.assert_close(torch.tensor([got[i] for i in range(7)]), want, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_later_batches_reuse_a_cached_prompt_exactly(
+    model_dirs: dict[str, Path], tmp_path: Path, arch: str
+) -> None:
+    """A GRPO group's later samples arriving one per batch (and a later group of two) run against the
+    prompt cached by the first batch: same rewards as HF, the prompt's tokens not computed again."""
+    engine = _engine(model_dirs, arch, "right", tmp_path)
+    rng = random.Random(21)
+    vocab = engine.model.config.vocab_size
+    prompt = [rng.randrange(3, vocab) for _ in range(60)]
+    items = [_enc(prompt + [rng.randrange(3, vocab) for _ in range(rng.randint(1, 20))]) for _ in range(6)]
+    other = _enc([rng.randrange(3, vocab) for _ in range(50)])
+    scorer = PrefixScorer(engine)
+    assert len(scorer.cache) == 0  # the self-check's probe is not kept
+    got = [s.rewards for s in scorer.forward(items[:2])]  # a group: its prompt is encoded and cached
+    assert len(scorer.cache) == 1
+    saved = scorer.stats.tokens_saved
+    got += [s.rewards for s in scorer.forward([items[2], other])]  # a single hit beside a stranger
+    assert scorer.stats.tokens_saved - saved >= 60
+    got.append(scorer.forward([other])[0].rewards)  # nothing cached for it
+    got += [s.rewards for s in scorer.forward(items[3:])]  # a group of three, its prompt from the cache
+    assert scorer.stats.cache_hits >= 1
+    want = _hf_alone(model_dirs[arch], [*items[:3], other, other, *items[3:]])
+    torch.testing.assert_close(torch.tensor(got), want, atol=ATOL, rtol=ATOL)
+
+
+def test_prefix_cache_finds_the_longest_prompt_and_stays_within_its_bytes() -> None:
+    kv = [(torch.zeros(1, 1, 10, 4), torch.zeros(1, 1, 10, 4))]  # 320 bytes per entry
+    cache = PrefixCache(max_bytes=700, min_shared=2)
+    a, b = [1, 2, 3], [1, 2, 3, 4, 5]
+    cache.put(a, kv)
+    cache.put(b, kv)
+    assert cache.find([1, 2, 3, 4, 5, 6])[0] == 5  # type: ignore[index]
+    assert cache.find([1, 2, 3, 4, 5])[0] == 3  # type: ignore[index]  # an item keeps a token of its own
+    assert cache.find([1, 2, 3, 4, 5, 6], longest=4)[0] == 3  # type: ignore[index]
+    assert cache.find([1, 9, 3, 4]) is None and cache.find([1, 2, 9]) is None
+    cache.find([1, 2, 3, 7])  # `a` is now the most recently used
+    cache.put([7, 7, 7], kv)  # over 700 bytes: the least recently used (`b`) goes
+    assert len(cache) == 2 and cache.bytes == 640
+    assert cache.find([1, 2, 3, 4, 5, 6])[0] == 3  # type: ignore[index]
+    cache.put([8, 8], [(torch.zeros(1, 1, 100, 4), torch.zeros(1, 1, 100, 4))])  # alone over the cap
+    assert len(cache) == 2
 
 
 async def test_duplicate_requests_each_get_their_own_results_in_order(tiny_engine: ScoringEngine) -> None:
