@@ -24,6 +24,8 @@ serve: $(STAMP)
 test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	# The architecture contract ([tool.importlinter] in pyproject.toml): every import points down.
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The observability tests run every Grafana panel query against a real Prometheus (Debian package).
@@ -35,6 +37,7 @@ prometheus:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
