@@ -26,7 +26,9 @@ test: $(STAMP) prometheus
 	$(BIN)/ruff format --check .
 	# The architecture contract ([tool.importlinter] in pyproject.toml): every import points down.
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	# Two workers (the machine's cores); tests that share a Ray cluster or time servers run grouped
+	# on one worker (tests/conftest.py). `-n 0` runs the suite in one process.
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The observability tests run every Grafana panel query against a real Prometheus (Debian package).
 prometheus:
