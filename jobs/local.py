@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from model_store.uncertainty import std_percentile
 from scoring.batching import forward_isolating
 from scoring.interface import Engine
 from scoring.items import ScoreItem, validation_message
-from scoring.results import ItemScore
+from scoring.results import NON_FINITE, ItemScore
 
 PROGRESS_VERSION = 1
 
@@ -250,10 +249,8 @@ class ScoreJob:
         for (lineno, item_id), s in zip(meta, results, strict=True):
             if s is None:
                 continue
-            if not all(math.isfinite(v) for v in s.rewards):  # JSON has no NaN; a broken row is an error
-                failures[lineno] = _failure(
-                    lineno, "item", "the model produced a non-finite reward", raw[lineno]
-                )
+            if not s.finite:  # JSON has no NaN; a broken row is an error
+                failures[lineno] = _failure(lineno, "item", NON_FINITE, raw[lineno])
             else:
                 by_line[lineno] = (item_id, s)
         for lineno, _ in chunk:  # input order

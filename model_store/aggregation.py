@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Kind = Literal["min", "mean", "max", "uwo", "head"]
 KINDS: tuple[Kind, ...] = ("min", "mean", "max", "uwo")
@@ -60,3 +60,16 @@ class Aggregation:
             return stats.mean - self.uwo_lambda * stats.std * stats.std
         assert self.head is not None
         return stats.rewards[self.head]
+
+    def apply_rows(self, rewards: Any) -> Any:
+        """The same reduction over a [N, K] tensor of rewards (training, evaluation, the experiment);
+        variance over heads is the population variance, as the kernel's std."""
+        if self.kind == "min":
+            return rewards.min(1).values
+        if self.kind == "max":
+            return rewards.max(1).values
+        if self.kind == "mean":
+            return rewards.mean(1)
+        if self.kind == "uwo":
+            return rewards.mean(1) - self.uwo_lambda * rewards.var(1, correction=0)
+        return rewards[:, self.head]

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+# What a front end says of an item whose row came back NaN or inf (a broken row, bad weights): the
+# service fails that item's request (500), the JSONL job writes the line to its errors file. JSON
+# has no NaN, and `min` would hide one head's NaN behind the others' finite values.
+NON_FINITE = "the model produced a non-finite reward"
 
 
 @dataclass
@@ -26,3 +32,8 @@ class ItemScore:
             "tokens": self.tokens,
             "truncated": self.truncated,
         }
+
+    @property
+    def finite(self) -> bool:
+        """Every head's reward and the disagreement are finite numbers: the one rule for serving it."""
+        return all(math.isfinite(v) for v in (*self.rewards, self.std))

@@ -6,7 +6,6 @@ each response exactly as the service will score it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,6 @@ class DataError(ValueError):
 class Pair:
     chosen: dict[str, Any]
     rejected: dict[str, Any]
-
-
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_messages(x: Any) -> bool:
