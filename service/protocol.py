@@ -104,6 +104,8 @@ class ModelCard(BaseModel):
     device: str
     token_budget: int
     max_batch_size: int
+    max_items_per_request: int = Field(description="Most items one request may carry (422 beyond).")
+    max_body_bytes: int = Field(description="Largest request body accepted, in bytes (413 beyond).")
     disagreement: DisagreementQuantiles | None = Field(
         default=None,
         description="Quantiles of the head std on the reference split (what `std_percentile` is "

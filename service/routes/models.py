@@ -35,6 +35,8 @@ async def list_models(service: ScoringService = Depends(get_service)) -> ModelLi
         device=info["device"],
         token_budget=info["token_budget"],
         max_batch_size=info["max_batch_size"],
+        max_items_per_request=info["max_items_per_request"],
+        max_body_bytes=info["max_body_bytes"],
         disagreement=info.get("disagreement"),
     )
     return ModelList(data=[card])
