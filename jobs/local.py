@@ -25,11 +25,10 @@ from pydantic import ValidationError
 from model_store.aggregation import Aggregation
 from model_store.manifest import resolve_aggregation
 from model_store.tokenization import EncodedItem, Item, ItemError
-from model_store.uncertainty import std_percentile
 from scoring.batching import forward_isolating
 from scoring.interface import Engine
 from scoring.items import ScoreItem, validation_message
-from scoring.results import NON_FINITE, ItemScore
+from scoring.results import NON_FINITE, ItemScore, item_result
 
 PROGRESS_VERSION = 1
 
@@ -289,14 +288,8 @@ class ScoreJob:
         rec: dict[str, Any] = {}
         if item_id is not None:
             rec["id"] = item_id
-        rec.update(
-            line=lineno,
-            reward=self.aggregation.apply(s),
-            aggregation=self.aggregation.name,
-            heads=dict(zip(self.engine.head_names, s.rewards, strict=True)),  # same key as /v1/score
-            **s.summary(),
-            std_percentile=std_percentile(s.std, self.engine.manifest.disagreement),  # as /v1/score
-        )
+        result = item_result(s, self.aggregation, self.engine.head_names, self.engine.manifest.disagreement)
+        rec.update(line=lineno, reward=result.pop("reward"), aggregation=self.aggregation.name, **result)
         return rec
 
 

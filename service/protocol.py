@@ -36,7 +36,9 @@ class ScoreRequest(BaseModel):
 
 class ScoreResult(BaseModel):
     reward: float = Field(description="The aggregated reward.")
-    heads: list[float] | None = Field(default=None, description="Every head's reward, in head order.")
+    heads: dict[str, float] | None = Field(
+        default=None, description="Every head's reward by head name (as the JSONL job writes them)."
+    )
     min: float
     max: float
     mean: float

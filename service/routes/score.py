@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from model_store.tokenization import Item
+from scoring.results import item_result
 from service.protocol import (
     GetRewardRequest,
     GetRewardResponse,
@@ -37,12 +38,7 @@ async def score(
     agg = service.request_aggregation(body.aggregation, body.uwo_lambda)
     scores = await service.score_items([it.to_item() for it in body.items], "items", request)
     results = [
-        ScoreResult(
-            reward=agg.apply(s),
-            heads=list(s.rewards) if body.return_heads else None,
-            std_percentile=service.std_percentile(s.std),
-            **s.summary(),
-        )
+        ScoreResult(**item_result(s, agg, service.head_names, service.quantiles, heads=body.return_heads))
         for s in scores
     ]
     engine = service.engine
