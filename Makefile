@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+TEST_WORKERS ?= 2
 
 .PHONY: install serve test lint format lock prometheus bench-engine bench-service bench-ceiling bench-kernel bench-gpu clean
 
@@ -27,8 +28,8 @@ test: $(STAMP) prometheus
 	# The architecture contract ([tool.importlinter] in pyproject.toml): every import points down.
 	$(BIN)/lint-imports
 	# Two workers (the machine's cores); tests that share a Ray cluster or time servers run grouped
-	# on one worker (tests/conftest.py). `-n 0` runs the suite in one process.
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	# on one worker (tests/conftest.py). `make test TEST_WORKERS=0` runs the suite in one process.
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The observability tests run every Grafana panel query against a real Prometheus (Debian package).
 prometheus:
