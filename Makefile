@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
+TEST_WORKERS ?= 2
 
 .PHONY: install serve test lint format lock prometheus browser bench-engine bench-service bench-ceiling bench-kernel bench-gpu vllm-env clean
 
@@ -24,7 +25,11 @@ serve: $(STAMP)
 test: $(STAMP) prometheus browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	# The architecture contract ([tool.importlinter] in pyproject.toml): every import points down.
+	$(BIN)/lint-imports
+	# Two workers (the machine's cores); tests that share a Ray cluster or time servers run grouped
+	# on one worker (tests/conftest.py). `make test TEST_WORKERS=0` runs the suite in one process.
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The observability tests run every Grafana panel query against a real Prometheus (Debian package).
 prometheus:
@@ -42,6 +47,7 @@ browser:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

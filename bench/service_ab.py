@@ -78,7 +78,8 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=str(root), HYDRA_RM_STORE_ROOT=str(tmp / f"store-{name}"),
                        HYDRA_RM_LOG_LEVEL="warning")  # fmt: skip
             port = sb.free_port()
-            cmd = [sys.executable, "-m", "cli", "serve", "--model", str(model_dir), "--port", str(port)]
+            cli = "cli" if (root / "cli" / "__main__.py").exists() else "service"  # before the package move
+            cmd = [sys.executable, "-m", cli, "serve", "--model", str(model_dir), "--port", str(port)]
             procs.append(
                 subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             )

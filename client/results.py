@@ -172,6 +172,10 @@ def _parse_result(raw: Any, names: list[str], where: str) -> Score:
     r = _obj(raw, where)
     heads_raw = r.get("heads")
     heads: dict[str, float] = {}
+    if isinstance(heads_raw, Mapping):  # {head name: reward}; older servers sent a list in head order
+        if list(heads_raw) != list(names):
+            raise ProtocolError(f"{where}.heads: expected the heads {names}, got {list(heads_raw)!r}")
+        heads_raw = list(heads_raw.values())
     if heads_raw is not None:
         if not isinstance(heads_raw, list) or len(heads_raw) != len(names):
             raise ProtocolError(f"{where}.heads: expected {len(names)} numbers, got {heads_raw!r}")

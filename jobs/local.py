@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,11 +25,10 @@ from pydantic import ValidationError
 from model_store.aggregation import Aggregation
 from model_store.manifest import resolve_aggregation
 from model_store.tokenization import EncodedItem, Item, ItemError
-from model_store.uncertainty import std_percentile
 from scoring.batching import forward_isolating
 from scoring.interface import Engine
 from scoring.items import ScoreItem, validation_message
-from scoring.results import ItemScore
+from scoring.results import NON_FINITE, ItemScore, item_result
 
 PROGRESS_VERSION = 1
 
@@ -279,10 +277,8 @@ class ScoreJob:
         for (lineno, item_id), s in zip(meta, results, strict=True):
             if s is None:
                 continue
-            if not all(math.isfinite(v) for v in s.rewards):  # JSON has no NaN; a broken row is an error
-                failures[lineno] = _failure(
-                    lineno, "item", "the model produced a non-finite reward", raw[lineno]
-                )
+            if not s.finite:  # JSON has no NaN; a broken row is an error
+                failures[lineno] = _failure(lineno, "item", NON_FINITE, raw[lineno])
             else:
                 by_line[lineno] = (item_id, s)
         for lineno, _ in chunk:  # input order
@@ -321,16 +317,15 @@ class ScoreJob:
         rec: dict[str, Any] = {}
         if item_id is not None:
             rec["id"] = item_id
-        rec.update(
-            line=lineno,
-            reward=self.aggregation.apply(s),
-            aggregation=self.aggregation.name,
-            heads=dict(zip(self.engine.head_names, s.rewards, strict=True)),  # same key as /v1/score
-            **s.summary(),
-            std_percentile=std_percentile(s.std, self.engine.manifest.disagreement),  # as /v1/score
+        novelty = self.engine.manifest.novelty
+        result = item_result(
+            s,
+            self.aggregation,
+            self.engine.head_names,
+            self.engine.manifest.disagreement,
+            novelty_quantiles=novelty.quantiles if novelty is not None else None,
         )
-        if s.novelty is not None and self.engine.manifest.novelty is not None:
-            rec["novelty_percentile"] = std_percentile(s.novelty, self.engine.manifest.novelty.quantiles)
+        rec.update(line=lineno, reward=result.pop("reward"), aggregation=self.aggregation.name, **result)
         return rec
 
 

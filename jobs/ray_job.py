@@ -25,7 +25,7 @@ from typing import IO, Any
 import ray
 
 from jobs.local import JobError, JobResult, ScoreJob, _count_lines
-from scoring.settings import Settings, build_engine
+from scoring.settings import Settings, build_engine, ray_gpus
 
 # A chunk is one Ray task and one checkpoint: at most this many lines, so that progress is saved often.
 MAX_CHUNK_LINES = 512
@@ -160,9 +160,7 @@ class RayChunks:
             raise RuntimeError("connect to Ray first (ray.init)")
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # default False: 2 actors do reorder
-        num_gpus = self.num_gpus
-        if num_gpus is None:
-            num_gpus = 1.0 if ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
+        num_gpus = ray_gpus(self.num_gpus)
         wait_for_resources(self.actors, self.num_cpus, num_gpus, self.wait_s)
         index = chunk_index(self.input, first_line, self.chunk_size)
         ds = ray.data.from_items(index, override_num_blocks=max(1, min(len(index), 4 * self.actors)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from model_store.novelty import NoveltyInfo
@@ -84,3 +84,18 @@ class Aggregation:
             return stats.mean - self.lcb_beta * self.lcb_scale * stats.novelty
         assert self.head is not None
         return stats.rewards[self.head]
+
+    def apply_rows(self, rewards: Any) -> Any:
+        """The same reduction over a [N, K] tensor of rewards (training, evaluation, the experiment);
+        variance over heads is the population variance, as the kernel's std."""
+        if self.kind == "min":
+            return rewards.min(1).values
+        if self.kind == "max":
+            return rewards.max(1).values
+        if self.kind == "mean":
+            return rewards.mean(1)
+        if self.kind == "uwo":
+            return rewards.mean(1) - self.uwo_lambda * rewards.var(1, correction=0)
+        if self.kind == "lcb":  # needs each row's novelty, which a reward matrix does not carry
+            raise ValueError("`lcb` cannot be applied to a reward matrix alone")
+        return rewards[:, self.head]

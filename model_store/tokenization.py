@@ -98,6 +98,8 @@ class ItemTokenizer:
         self.truncation_side = truncation_side or manifest.truncation_side
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self._special_ids = set(tokenizer.all_special_ids)
+        # What a batch is padded with (positions are masked out, so any id works where there is none).
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @property
     def precut_chars(self) -> int:

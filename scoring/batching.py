@@ -162,7 +162,8 @@ def split_by_padding(batch: Sequence[int], lengths: Sequence[int], max_padding: 
 # -- prefix planning: which items share a prompt, and batches that keep them together ----------
 
 # Shorter shared runs are not worth an extra forward call: 16 groups of 8 with responses of 20-60
-# tokens ran 0.86x at 8 shared tokens, 0.99x at 16, 1.14x at 32, 1.90x at 64 (bench/results/prefix-cpu.md).
+# tokens ran 0.87x at 8 shared tokens, 0.99x at 16, 1.22x at 32, 1.74x at 64 and 2.63x at 128
+# (bench/results/prefix-cpu.md).
 DEFAULT_MIN_SHARED = 32
 
 

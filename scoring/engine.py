@@ -62,7 +62,7 @@ class ScoringEngine:
         )
         self.max_length = self.items.max_length
         self.truncation_side = self.items.truncation_side
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.items.pad_id
         # Pooling, folded heads, device transfer and the plain padded pass (scoring/heads.py).
         self.heads = HeadForward(
             self.model,

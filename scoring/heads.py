@@ -26,6 +26,18 @@ log = logging.getLogger("hydra_rm.engine")
 PoolKind = Literal["last_token", "first_token", "pooler", "cls_head"]
 
 
+def is_decoder(model: nn.Module) -> bool:
+    """A `score`-headed sequence classifier (Llama/Qwen/Mistral/Gemma/GPT-2 style): pooled at its last
+    real token. The one test of "is this a decoder" for serving, prefix sharing and training."""
+    return isinstance(getattr(model, "score", None), nn.Linear)
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real position, from the attention mask (never from pad ids), whichever side
+    the padding is on: what a decoder's reward is pooled at, in serving and in training alike."""
+    return (mask.shape[1] - 1) - mask.flip(-1).argmax(-1)
+
+
 @dataclass(frozen=True)
 class Head:
     kind: PoolKind
@@ -35,13 +47,12 @@ class Head:
 
 def resolve_head(model: nn.Module, pooling: str) -> Head:
     """Find the K-way linear layer and how its input is pooled, for the architectures we verify."""
-    score = getattr(model, "score", None)
     classifier = getattr(model, "classifier", None)
-    if isinstance(score, nn.Linear):  # Llama/Qwen/Mistral/Gemma/GPT-2 style: last real token
+    if is_decoder(model):  # last real token
         if pooling == "pooler":
             raise ModelStoreError("manifest asks for pooling=pooler but this decoder has no pooler")
         kind: PoolKind = "last_token" if pooling in {"auto", "last_token"} else pooling  # type: ignore[assignment]
-        return Head(kind, score)
+        return Head(kind, model.score)
     if isinstance(classifier, nn.Linear):
         base = model.base_model
         has_pooler = getattr(base, "pooler", None) is not None or getattr(model, "pooler", None) is not None
@@ -158,9 +169,8 @@ class HeadForward:
                 pooled = self.model.pooler(out.last_hidden_state)
             return pooled, None
         hidden = out.last_hidden_state
-        t = mask.shape[1]
         if kind == "last_token":
-            index = (t - 1) - mask.flip(-1).argmax(-1)
+            index = last_token_index(mask)
         else:
             index = mask.argmax(-1)
         if kind == "cls_head":

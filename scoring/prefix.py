@@ -34,7 +34,7 @@ from scoring.batching import (
     plan_prefix_groups,
     split_by_padding,
 )
-from scoring.heads import HeadForward
+from scoring.heads import HeadForward, is_decoder
 from scoring.results import ItemScore
 
 log = logging.getLogger("hydra_rm.prefix")
@@ -115,7 +115,7 @@ def is_causal_decoder(model: nn.Module) -> bool:
     self-check (sharing on vs off on a probe) catches what no flag announces.
     """
     config = getattr(model, "config", None)
-    if not isinstance(getattr(model, "score", None), nn.Linear) or config is None:
+    if not is_decoder(model) or config is None:
         return False
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "use_bidirectional_attention", False):
         return False

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from model_store.aggregation import Aggregation
+from model_store.uncertainty import DisagreementQuantiles, std_percentile
+
+# What a front end says of an item whose row came back NaN or inf (a broken row, bad weights): the
+# service fails that item's request (500), the JSONL job writes the line to its errors file. JSON
+# has no NaN, and `min` would hide one head's NaN behind the others' finite values.
+NON_FINITE = "the model produced a non-finite reward"
 
 
 @dataclass
@@ -31,3 +41,32 @@ class ItemScore:
         if self.novelty is not None:
             out["novelty"] = self.novelty
         return out
+
+    @property
+    def finite(self) -> bool:
+        """Every head's reward and the disagreement are finite numbers: the one rule for serving it."""
+        return all(math.isfinite(v) for v in (*self.rewards, self.std))
+
+
+def item_result(
+    s: ItemScore,
+    aggregation: Aggregation,
+    head_names: Sequence[str],
+    quantiles: DisagreementQuantiles | None,
+    *,
+    heads: bool = True,
+    novelty_quantiles: DisagreementQuantiles | None = None,
+) -> dict[str, Any]:
+    """The per-item result every front end emits (`/v1/score`'s `results`, the JSONL job's lines):
+    the aggregated reward, every head's reward by name (None when not asked for), min/max/mean/std,
+    tokens, truncation, and where the disagreement falls among the reference split's; for a model with
+    a novelty statistic also `novelty` and its percentile (absent otherwise: outputs stay as before)."""
+    out = {
+        "reward": aggregation.apply(s),
+        "heads": dict(zip(head_names, s.rewards, strict=True)) if heads else None,
+        **s.summary(),
+        "std_percentile": std_percentile(s.std, quantiles),
+    }
+    if s.novelty is not None:
+        out["novelty_percentile"] = std_percentile(s.novelty, novelty_quantiles)
+    return out

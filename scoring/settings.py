@@ -334,6 +334,16 @@ def apply_torch_threads(settings: Settings) -> int:
     return torch.get_num_threads()
 
 
+def ray_gpus(num_gpus: float | None) -> float:
+    """GPUs per Ray actor or Serve replica: as given, else one wherever the connected cluster has GPUs
+    (the Ray twin of `device=auto`); `score-ray` and `serve-ray` both decide here."""
+    if num_gpus is not None:
+        return num_gpus
+    import ray
+
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0.0) > 0 else 0.0
+
+
 def build_engine(settings: Settings):  # noqa: ANN201 - returns scoring.engine.ScoringEngine
     """Load the configured model into an engine (shared by `serve` and `score`)."""
     from model_store import ModelStore

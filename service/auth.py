@@ -30,6 +30,16 @@ def key_matches(candidate: str, keys: Sequence[SecretStr]) -> bool:
     return ok
 
 
+def key_problem(scheme: str | None, token: str, keys: Sequence[SecretStr]) -> str | None:
+    """Why a request's credentials do not pass (None: they do): the one check the middleware and the
+    route dependency both run."""
+    if scheme is None or scheme.lower() != "bearer":
+        return "missing API key: send `Authorization: Bearer <key>`"
+    if not key_matches(token.strip(), keys):
+        return "invalid API key"
+    return None
+
+
 class ApiKeyMiddleware:
     """Checks the key before the body is read: an unauthenticated client must not make the server
     buffer and parse up to max_body_bytes (FastAPI reads the body before running dependencies)."""
@@ -45,11 +55,8 @@ class ApiKeyMiddleware:
             return
         header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
         scheme, _, token = (header or b"").decode("latin-1").partition(" ")
-        if header is None or scheme.lower() != "bearer":
-            message = "missing API key: send `Authorization: Bearer <key>`"
-        elif not key_matches(token.strip(), self.keys):
-            message = "invalid API key"
-        else:
+        message = key_problem(scheme if header is not None else None, token, self.keys)
+        if message is None:
             await self.app(scope, receive, send)
             return
         scope[ERROR_TYPE_KEY] = "unauthorized"
@@ -66,9 +73,9 @@ def api_key_dependency(
     async def require_api_key(
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
     ) -> None:
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-        if not key_matches(credentials.credentials, frozen):
-            raise Unauthorized("invalid API key")
+        scheme, token = (credentials.scheme, credentials.credentials) if credentials else (None, "")
+        message = key_problem(scheme, token, frozen)
+        if message is not None:
+            raise Unauthorized(message)
 
     return require_api_key

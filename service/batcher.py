@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 from model_store.tokenization import EncodedItem
 from scoring.batching import BatchObserver, BatchPolicy, ForwardFn, WindowCost, forward_isolating
-from scoring.results import ItemScore
+from scoring.results import NON_FINITE, ItemScore
 from service.drain import ShuttingDown
 from service.errors import Overloaded, PayloadTooLarge, ScoringFailed, ServiceError
 
@@ -366,8 +365,8 @@ class Batcher:
         job = slot.job
         if job.done:
             return
-        if not all(math.isfinite(v) for v in (*score.rewards, score.std)):
-            self._fail(job, ScoringFailed("the model produced a non-finite reward for this item"))
+        if not score.finite:
+            self._fail(job, ScoringFailed(f"{NON_FINITE} for this item"))
             return
         job.results[slot.index] = score
         job.remaining -= 1

@@ -7,6 +7,7 @@ returns a stack trace: unexpected exceptions are logged here and answered with a
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -85,11 +86,15 @@ class ClientDisconnected(ServiceError):
     status, type = 499, "client_disconnected"  # nginx's convention; nobody reads it
 
 
+def error_body(type_: str, message: str, field: str | None = None) -> dict[str, Any]:
+    """The one error body: handlers, auth, the body limit, drain and h11's protocol errors all send it."""
+    return ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field)).model_dump()
+
+
 def error_response(
     status: int, type_: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(type=type_, message=message, field=field))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return JSONResponse(error_body(type_, message, field), status_code=status, headers=headers)
 
 
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

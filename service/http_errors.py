@@ -15,15 +15,15 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service.errors import error_body
+
 BAD_REQUEST_TYPE = "bad_request"
 
 
 def bad_request_body(detail: str | None) -> bytes:
     reason = f" ({detail})" if detail else ""
     message = f"malformed HTTP request{reason}; the connection is closed"
-    return json.dumps(
-        {"error": {"type": BAD_REQUEST_TYPE, "message": message, "field": _field(detail)}}
-    ).encode()
+    return json.dumps(error_body(BAD_REQUEST_TYPE, message, _field(detail))).encode()
 
 
 def _field(detail: str | None) -> str | None:

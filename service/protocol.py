@@ -68,7 +68,9 @@ class ScoreResult(_OmitWhenNone):
     _omit_when_none = ("novelty", "novelty_percentile")
 
     reward: float = Field(description="The aggregated reward.")
-    heads: list[float] | None = Field(default=None, description="Every head's reward, in head order.")
+    heads: dict[str, float] | None = Field(
+        default=None, description="Every head's reward by head name (as the JSONL job writes them)."
+    )
     min: float
     max: float
     mean: float
@@ -153,6 +155,8 @@ class ModelCard(_OmitWhenNone):
     device: str
     token_budget: int
     max_batch_size: int
+    max_items_per_request: int = Field(description="Most items one request may carry (422 beyond).")
+    max_body_bytes: int = Field(description="Largest request body accepted, in bytes (413 beyond).")
     disagreement: DisagreementQuantiles | None = Field(
         default=None,
         description="Quantiles of the head std on the reference split (what `std_percentile` is "

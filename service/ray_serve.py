@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from scoring.settings import Settings
+from scoring.settings import Settings, ray_gpus
 from service.app import create_app
 
 log = logging.getLogger("hydra_rm.ray_serve")
@@ -56,8 +56,7 @@ def deployment(
     max_ongoing_requests: int = MAX_ONGOING_REQUESTS,
 ) -> Any:
     """A bound Serve application. `num_gpus=None` gives each replica one GPU when the cluster has GPUs."""
-    if num_gpus is None:
-        num_gpus = 1.0 if _cluster_gpus() > 0 else 0.0
+    num_gpus = ray_gpus(num_gpus)
     options: dict[str, Any] = {"num_cpus": num_cpus}
     if num_gpus:
         options["num_gpus"] = num_gpus
@@ -94,9 +93,3 @@ def run(
         blocking=blocking,
     )
     return f"http://{host}:{port}"
-
-
-def _cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0

@@ -259,6 +259,9 @@ class ScoringService:
             "novelty": self.novelty,
             "token_budget": self.engine.policy.token_budget,
             "max_batch_size": self.engine.policy.max_batch_size,
+            # The request limits, stated where clients read them (client/_core.py sizes requests by them).
+            "max_items_per_request": self.settings.max_items_per_request,
+            "max_body_bytes": self.settings.max_body_bytes,
         }
 
 

@@ -49,3 +49,28 @@ def tiny_engine(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
     rm = load_reward_model(str(tiny_llama_dir), ModelStore(tmp_path_factory.mktemp("store")))
     return ScoringEngine(rm, policy=BatchPolicy.resolve("cpu", token_budget=2048, max_batch_size=32))
+
+
+# `make test` runs the suite on two pytest-xdist workers with `--dist loadgroup`: tests in one group
+# run on one worker, one after another. Ray's tests share one local cluster (a second would start per
+# worker); the tests that start servers or time a drain, a failover or a thread count compete for the
+# same two cores, so they run one at a time and the other worker takes the light tests.
+_GROUPS = {
+    "tests/ray/": "ray",
+    "tests/service/test_server.py": "processes",
+    "tests/client/test_failover.py": "processes",
+    "tests/service/test_threads.py": "processes",
+    "tests/service/test_torch_thread.py": "processes",
+    "tests/bench/": "processes",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into the node ids
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = Path(__file__).resolve().parents[1]
+    for item in items:
+        rel = Path(item.fspath).resolve().relative_to(root).as_posix()
+        for prefix, group in _GROUPS.items():
+            if rel.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break

@@ -13,14 +13,10 @@ from training.diversity import DIVERSITY
 
 
 def _store(store: Path | None):  # noqa: ANN202 - model_store.ModelStore
-    import os
-
     from model_store import ModelStore
+    from scoring.settings import Settings
 
-    root = store or Path(
-        os.environ.get("HYDRA_RM_STORE_ROOT", Path.home() / ".cache" / "hydra-rm" / "models")
-    )
-    return ModelStore(root)
+    return ModelStore(store or Settings().store_root)  # $HYDRA_RM_STORE_ROOT or the default, as `serve`
 
 
 def _fail(message: str) -> typer.Exit:
@@ -84,7 +80,8 @@ def train(
 ) -> None:
     """Train K Bradley-Terry reward heads on a shared encoder; publish a model the service serves as is."""
     from model_store.errors import ModelStoreError
-    from training.data import DataError, check_signal, load_pairs, sha256_path
+    from model_store.manifest import sha256_file
+    from training.data import DataError, check_signal, load_pairs
     from training.trainer import TrainConfig, Trainer, publish, save_model
 
     if name is None and output is None:
@@ -116,7 +113,7 @@ def train(
     if ensemble == "full":  # the paper's baseline: K separately trained single-head models
         runs = [(f"-m{i}", replace(cfg, heads=1, head_names=None, seed=seed + i)) for i in range(heads)]
     model_store = _store(store)
-    sha = sha256_path(data)
+    sha = sha256_file(data)
     for suffix, run_cfg in runs:
         ck = checkpoint_dir / (suffix.lstrip("-") or "model") if checkpoint_dir else None
         try:

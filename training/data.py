@@ -6,7 +6,6 @@ each response exactly as the service will score it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +25,6 @@ class Pair:
     chosen: dict[str, Any]
     rejected: dict[str, Any]
     where: str = field(default="", compare=False)  # "path:line", for messages about the pair
-
-
-def sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_messages(x: Any) -> bool:

@@ -14,19 +14,21 @@ from typing import Any
 
 import torch
 
+from model_store.aggregation import Aggregation
+
 BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def aggregate(r: torch.Tensor, how: str, lam: float) -> torch.Tensor:
-    if how == "min":
-        return r.min(1).values
-    if how == "max":
-        return r.max(1).values
-    if how == "mean":
-        return r.mean(1)
-    if how == "uwo":
-        return r.mean(1) - lam * r.var(1, correction=0)
-    raise ValueError(how)
+    """Serving's `Aggregation` over [N, K] rewards (ValueError for an unknown `how`)."""
+    return Aggregation.parse(how, r.shape[1], lam).apply_rows(r)
+
+
+def head_correlation(z: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Pearson correlation between heads over items ([N, K] rewards): mean off-diagonal, and the matrix."""
+    c = torch.corrcoef(z.T.double())
+    k = c.shape[0]
+    return float((c.sum() - c.diagonal().sum()) / (k * (k - 1))), c
 
 
 def accuracy(margin: torch.Tensor) -> float:
@@ -84,9 +86,7 @@ def metrics(
         ece, rows = reliability(q)
         out["reliability"][name] = {"ece": ece, "bins": rows}
     if k > 1:
-        z = torch.cat([chosen, rejected]).double()
-        c = torch.corrcoef(z.T)
-        out["head_correlation"] = float((c.sum() - c.diagonal().sum()) / (k * (k - 1)))
+        out["head_correlation"], c = head_correlation(torch.cat([chosen, rejected]))
         out["head_correlation_matrix"] = c.tolist()
         disagreement = (chosen.std(1, correction=0) + rejected.std(1, correction=0)) / 2
         misranked = aggregate(chosen, "mean", lam) <= aggregate(rejected, "mean", lam)

@@ -16,6 +16,7 @@ from torch import nn
 from model_store.loader import default_max_length, resolve_source
 from model_store.manifest import RewardManifest
 from model_store.store import ModelStore, check_weights_safe
+from scoring.heads import is_decoder, last_token_index
 
 Mode = Literal["finetune", "frozen", "lora"]
 
@@ -41,10 +42,6 @@ def head_linear(model: nn.Module) -> nn.Linear:
     raise ValueError(f"cannot find the K-way linear layer of {type(model).__name__}")
 
 
-def is_decoder(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "score", None), nn.Linear)
-
-
 class RewardForward(nn.Module):
     """Logits for a padded batch, pooled as the engine pools; one module so DDP/accelerate wrap it."""
 
@@ -64,8 +61,7 @@ class RewardForward(nn.Module):
             out = self.hf.base_model(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False
             )
-            t = attention_mask.shape[1]
-            index = (t - 1) - attention_mask.flip(-1).argmax(-1)
+            index = last_token_index(attention_mask)
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
             return self.hf.score(out.last_hidden_state[rows, index])
         kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -21,6 +21,8 @@ import torch
 
 from model_store.store import ModelStore
 from training.data import parse_pair
+from training.evaluate import aggregate as evaluate_aggregate
+from training.evaluate import head_correlation
 from training.scoring import EngineScorer
 from training.toydata import Generator, gold, pools, preference_rows, prompts
 from training.trainer import TrainConfig, Trainer, save_model
@@ -81,15 +83,10 @@ def best_of_n(proxy: torch.Tensor, gold_r: torch.Tensor, ns: list[int]) -> list[
 
 
 def aggregate(rewards: torch.Tensor, how: str) -> torch.Tensor:
+    """`single` (one head) or serving's aggregation with the experiment's fixed lambda."""
     if how == "single" or rewards.shape[1] == 1:
         return rewards[:, 0]
-    if how == "mean":
-        return rewards.mean(1)
-    if how == "min":
-        return rewards.min(1).values
-    if how == "uwo":
-        return rewards.mean(1) - UWO_LAMBDA * rewards.var(1, correction=0)
-    raise ValueError(how)
+    return evaluate_aggregate(rewards, how, UWO_LAMBDA)
 
 
 def proxy_base(dest: Path, tokenizer: Any, hidden: int, seed: int) -> Path:
@@ -196,8 +193,7 @@ def run_seed(setup: Setup, seed: int, tokenizer: Any, encoded_pool: list[Any] | 
         rewards = torch.cat(cols, dim=1)
         if method == "full-ensemble":
             z = rewards[: min(len(rewards), 20000)]
-            c = torch.corrcoef(z.T.double())
-            corr = float((c.sum() - c.diagonal().sum()) / (c.shape[0] * (c.shape[0] - 1)))  # on pool items
+            corr = head_correlation(z)[0]  # on pool items
         runs[method] = MethodRun(method, rewards, train_s, score_s, wbytes, corr, sum(accs) / len(accs))
         log(f"  seed {seed} {method}: train {train_s:.1f}s score {score_s:.1f}s acc {runs[method].ref_accuracy:.3f}"
             f" corr {corr if corr is None else round(corr, 3)}")  # fmt: skip

@@ -1,8 +1,8 @@
-"""Score through the service's engine (the path production uses): the one place training touches it.
+"""Score through the scoring engine (the path production uses): the one place training touches it.
 
 Eval and the experiment must measure what is served (normalisation folded into the heads, pooling
 from the mask, the fused head kernel), so they score with `ScoringEngine` rather than a training
-forward. Imported lazily; only this module (and `training.tokens`) reaches into the engine.
+forward. Imported lazily; only this module builds an engine in training.
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ import torch
 
 from model_store.manifest import HeadNormalization, RewardManifest
 from model_store.store import ModelStore
+from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
 from model_store.uncertainty import fit_quantiles
 from training.data import DataError, Pair
 from training.diversity import decorrelation_penalty, feature_block_mask, head_weights
+from training.evaluate import head_correlation
 from training.loss import multihead_bt_loss
 from training.model import Loaded, Mode, RewardForward, load_base, param_groups
-from training.tokens import Encoded, ItemTokenizer, item_error_types
 
 
 @dataclass
@@ -83,7 +84,7 @@ def split_reference(n: int, fraction: float, seed: int) -> tuple[list[int], list
     return sorted(perm[n_ref:]), sorted(perm[:n_ref])
 
 
-def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[EncodedItem], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: encoders pool position 0, decoders read the last real token from the mask."""
     t = max(len(r.input_ids) for r in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
@@ -103,7 +104,7 @@ def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def raw_rewards(
-    fwd: RewardForward, encoded: list[Encoded], pad_id: int, batch_size: int = 64
+    fwd: RewardForward, encoded: list[EncodedItem], pad_id: int, batch_size: int = 64
 ) -> torch.Tensor:
     """[N, K] un-normalised fp32 logits, in input order (length-sorted batches for less padding)."""
     fwd.eval()
@@ -157,10 +158,11 @@ class Trainer:
             max_length=cfg.max_length, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
             head_init_std=cfg.head_init_std,
         )  # fmt: skip
+        # Tokenized exactly as the engine tokenizes for scoring (the engine passes the same cap).
         self.tok = ItemTokenizer(
             self.loaded.tokenizer,
             self.loaded.manifest,
-            getattr(self.loaded.model.config, "max_position_embeddings", None),
+            model_max_length=getattr(self.loaded.model.config, "max_position_embeddings", None),
         )
         if reference is None:
             train_idx, ref_idx = split_reference(len(pairs), cfg.reference_fraction, cfg.seed)
@@ -174,10 +176,10 @@ class Trainer:
         if (self.weight_means == 0).any():
             raise ValueError(f"diversity={cfg.diversity} left a head with no training pairs; add data")
 
-    def _encode_pair(self, i: int, pair: Pair) -> tuple[Encoded, Encoded]:
+    def _encode_pair(self, i: int, pair: Pair) -> tuple[EncodedItem, EncodedItem]:
         try:
-            return self.tok.encode(pair.chosen), self.tok.encode(pair.rejected)
-        except item_error_types() as e:
+            return self.tok.encode(Item(**pair.chosen)), self.tok.encode(Item(**pair.rejected))
+        except ItemError as e:
             raise DataError(f"training pair {i}: {e} (field {getattr(e, 'field', 'item')})") from e
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -307,7 +309,7 @@ class Trainer:
             fwd.hf = self.loaded.peft_model.merge_and_unload()
         fwd = fwd.float().cpu() if cfg.cpu or not torch.cuda.is_available() else fwd.float()
         ref_items = [p.chosen for p in self.ref_pairs] + [p.rejected for p in self.ref_pairs]
-        raw = raw_rewards(fwd, [self.tok.encode(it) for it in ref_items], self.tok.pad_id)
+        raw = raw_rewards(fwd, [self.tok.encode(Item(**it)) for it in ref_items], self.tok.pad_id)
         mean = raw.mean(0)
         std = raw.std(0, correction=0)
         std = torch.where(std > 1e-8, std, torch.ones_like(std))  # a constant head stays un-scaled
@@ -326,7 +328,7 @@ class Trainer:
         }
         disagreement = None
         if cfg.heads > 1:
-            metrics["reference_head_correlation"] = mean_offdiag_corr(z)
+            metrics["reference_head_correlation"] = head_correlation(z)[0]
             disagreement = fit_quantiles(z.std(1, correction=0).tolist())
         manifest = self.loaded.manifest.model_copy(
             update={
@@ -371,13 +373,6 @@ def _mask_heads(model: Any, seed: int) -> None:
     with torch.no_grad():
         lin.weight.mul_(mask)
     lin.weight.register_hook(lambda g: g * mask)
-
-
-def mean_offdiag_corr(z: torch.Tensor) -> float:
-    """Mean Pearson correlation between distinct heads over items ([N, K] rewards)."""
-    c = torch.corrcoef(z.T.double())
-    k = c.shape[0]
-    return float((c.sum() - c.diagonal().sum()) / (k * (k - 1)))
 
 
 def save_model(result: TrainResult, dest: Path) -> Path:

@@ -261,6 +261,10 @@ async function score() {
   performance.mark("hydra-score-sent");
   try {
     const response = await api("v1/score", body);
+    // /v1/score gives each result's heads by name ({name: reward}); the page works in head order.
+    for (const r of response.results) {
+      if (r.heads && !Array.isArray(r.heads)) r.heads = response.head_names.map((n) => r.heads[n]);
+    }
     state.last = { response, texts, ms: performance.now() - t0 };
     render();
     performance.mark("hydra-scored");

@@ -40,6 +40,8 @@ def _card(service: ScoringService) -> ModelCard:
         device=info["device"],
         token_budget=info["token_budget"],
         max_batch_size=info["max_batch_size"],
+        max_items_per_request=info["max_items_per_request"],
+        max_body_bytes=info["max_body_bytes"],
         disagreement=info.get("disagreement"),
         novelty=info.get("novelty"),
     )

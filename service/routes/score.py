@@ -9,6 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Path, Request
 
 from model_store.tokenization import Item
+from scoring.results import item_result
 from service.protocol import (
     GetRewardRequest,
     GetRewardResponse,
@@ -48,11 +49,14 @@ async def score(
     scores = await service.score_items([it.to_item() for it in body.items], "items", request)
     results = [
         ScoreResult(
-            reward=agg.apply(s),
-            heads=list(s.rewards) if body.return_heads else None,
-            std_percentile=service.std_percentile(s.std),
-            novelty_percentile=service.novelty_percentile(s.novelty),
-            **s.summary(),
+            **item_result(
+                s,
+                agg,
+                service.head_names,
+                service.quantiles,
+                heads=body.return_heads,
+                novelty_quantiles=service.novelty.quantiles if service.novelty else None,
+            )
         )
         for s in scores
     ]

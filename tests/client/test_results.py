@@ -31,7 +31,14 @@ def test_copied_shapes_name_the_server_fields() -> None:
 
 def _server_body(n: int = 2) -> dict:
     result = protocol.ScoreResult(
-        reward=-1.0, heads=[-1.0, 2.0], min=-1.0, max=2.0, mean=0.5, std=1.5, tokens=7, truncated=False
+        reward=-1.0,
+        heads={"a": -1.0, "b": 2.0},
+        min=-1.0,
+        max=2.0,
+        mean=0.5,
+        std=1.5,
+        tokens=7,
+        truncated=False,
     )
     body = protocol.ScoreResponse(
         model="m",
@@ -54,6 +61,14 @@ def test_parses_what_the_server_models_serialise() -> None:
     assert parse_error(502, "<html>bad gateway</html>", None, None).type == "http_error"
 
 
+def test_heads_by_name_and_an_older_servers_list_parse_alike() -> None:
+    body = _server_body()
+    assert body["results"][0]["heads"] == {"a": -1.0, "b": 2.0}  # the server sends them by name
+    body["results"][1]["heads"] = [-1.0, 2.0]  # an older server: a list in head order
+    parsed = parse_score_response(body, expected=2)
+    assert parsed.results[0].heads == parsed.results[1].heads == {"a": -1.0, "b": 2.0}
+
+
 def test_std_percentile_is_parsed_and_optional() -> None:
     body = _server_body()
     assert body["results"][0]["std_percentile"] is None  # the server sends null for models without
@@ -70,6 +85,8 @@ def test_std_percentile_is_parsed_and_optional() -> None:
         (lambda b: b["results"].pop(), "expected 2 results"),
         (lambda b: b["results"][1].pop("reward"), r"results\[1\]\.reward"),
         (lambda b: b["results"][0].update(heads=[1.0]), r"results\[0\]\.heads"),
+        (lambda b: b["results"][0].update(heads={"b": 2.0, "a": -1.0}), r"results\[0\]\.heads"),
+        (lambda b: b["results"][0].update(heads={"a": -1.0, "b": "2"}), r"results\[0\]\.heads"),
         (lambda b: b["results"][0].update(tokens="7"), "tokens"),
         (lambda b: b["results"][0].update(truncated=0), "truncated"),
         (lambda b: b["results"][0].update(std_percentile="97"), "std_percentile"),

@@ -40,7 +40,7 @@ def test_serve_gives_the_engine_rewards_through_the_same_api(served, tiny_engine
     assert card["head_names"] == tiny_engine.head_names
     expected = reference(tiny_engine, items)
     assert [r["reward"] for r in body["results"]] == pytest.approx([e["reward"] for e in expected], abs=1e-5)
-    flat = [h for r in body["results"] for h in r["heads"]]
+    flat = [h for r in body["results"] for h in r["heads"].values()]
     assert flat == pytest.approx([h for e in expected for h in e["heads"]], abs=1e-5)
     assert bad.status_code == 422 and bad.json()["error"]["field"].startswith("items[0]")
     assert "hydra_rm_items_scored_total" in metrics  # a replica's own Prometheus text

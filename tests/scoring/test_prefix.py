@@ -484,7 +484,7 @@ def test_service_counts_tokens_saved_and_shared_items(tiny_engine: ScoringEngine
     plan = plan_prefix_groups([e.input_ids for e in encoded])
     assert plan.groups and saved == plan.tokens_saved and shared == plan.shared_items == 7
     want = tiny_engine.forward_padded(encoded)
-    got = torch.tensor([x["heads"] for x in r.json()["results"]])
+    got = torch.tensor([list(x["heads"].values()) for x in r.json()["results"]])
     torch.testing.assert_close(got, _rewards(want), atol=ATOL, rtol=ATOL)
 
 

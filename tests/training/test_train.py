@@ -10,13 +10,15 @@ import torch
 
 from model_store import ModelStore
 from model_store.loader import load_reward_model
+from model_store.tokenization import Item
 from training.data import DataError, load_pairs, parse_pair, write_pairs
 from training.diversity import head_weights
+from training.evaluate import head_correlation
 from training.loss import multihead_bt_loss
 from training.model import RewardForward
 from training.overopt import proxy_base, proxy_tokenizer
 from training.toydata import preference_rows
-from training.trainer import TrainConfig, Trainer, mean_offdiag_corr, publish, raw_rewards
+from training.trainer import TrainConfig, Trainer, publish, raw_rewards
 
 torch.set_num_threads(1)
 
@@ -90,7 +92,7 @@ def test_normalisation_gives_reference_mean0_std1_and_quantiles(toy_pairs, toy_b
     res = tr.run()
     norm = res.manifest.normalization
     items = [p.chosen for p in tr.ref_pairs] + [p.rejected for p in tr.ref_pairs]
-    raw = raw_rewards(RewardForward(res.model), [tr.tok.encode(it) for it in items], tr.tok.pad_id)
+    raw = raw_rewards(RewardForward(res.model), [tr.tok.encode(Item(**it)) for it in items], tr.tok.pad_id)
     z = (raw - torch.tensor(norm.mean)) / torch.tensor(norm.std)
     torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(z.std(0, correction=0), torch.ones(3), atol=1e-5, rtol=0)
@@ -99,7 +101,7 @@ def test_normalisation_gives_reference_mean0_std1_and_quantiles(toy_pairs, toy_b
     assert q.values[-1] == pytest.approx(z.std(1, correction=0).max().item(), abs=1e-5)
     prov = res.manifest.provenance
     assert prov["args"]["diversity"] == "shard" and prov["seed"] == 0 and "torch" in prov["libraries"]
-    assert res.metrics["reference_head_correlation"] == pytest.approx(mean_offdiag_corr(z), abs=1e-6)
+    assert res.metrics["reference_head_correlation"] == pytest.approx(head_correlation(z)[0], abs=1e-6)
 
 
 def test_published_model_scores_like_the_trained_torch_model(toy_pairs, toy_base, store, tmp_path):
@@ -111,7 +113,7 @@ def test_published_model_scores_like_the_trained_torch_model(toy_pairs, toy_base
     assert store.contains("toy:v1")
     items = [p.chosen for p in toy_pairs[:40]] + [p.rejected for p in toy_pairs[:40]]
     got = EngineScorer("toy:v1", store).score(items)
-    raw = raw_rewards(RewardForward(res.model), [tr.tok.encode(it) for it in items], tr.tok.pad_id)
+    raw = raw_rewards(RewardForward(res.model), [tr.tok.encode(Item(**it)) for it in items], tr.tok.pad_id)
     mean, std = torch.tensor(res.manifest.normalization.mean), torch.tensor(res.manifest.normalization.std)
     # On the model's own scale the served rewards are the trained model's to 1e-5 (measured: 3e-8).
     torch.testing.assert_close(got * std + mean, raw, atol=1e-5, rtol=1e-5)
@@ -188,7 +190,7 @@ def test_decoder_with_chat_template_trains_and_serves(tiny_llama_dir, store):
     res = tr.run()
     publish(res, store, "tiny-dec", "v1")
     items = [pairs[0].chosen, pairs[0].rejected]
-    raw = raw_rewards(RewardForward(res.model), [tr.tok.encode(it) for it in items], tr.tok.pad_id)
+    raw = raw_rewards(RewardForward(res.model), [tr.tok.encode(Item(**it)) for it in items], tr.tok.pad_id)
     mean, std = torch.tensor(res.manifest.normalization.mean), torch.tensor(res.manifest.normalization.std)
     got = EngineScorer("tiny-dec", store).score(items)
     torch.testing.assert_close(got * std + mean, raw, atol=1e-5, rtol=1e-5)  # the model's own scale
