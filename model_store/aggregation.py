@@ -11,13 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
-
-if TYPE_CHECKING:
-    from model_store.novelty import NoveltyInfo
+from typing import Any, Literal, Protocol
 
 Kind = Literal["min", "mean", "max", "uwo", "lcb", "head"]
 KINDS: tuple[Kind, ...] = ("min", "mean", "max", "uwo", "lcb")
+
+
+class NoveltyScale(Protocol):
+    """What `lcb` reads of a model's novelty statistic (model_store.novelty.NoveltyInfo)."""
+
+    @property
+    def reward_std(self) -> float: ...
+
+    @property
+    def median(self) -> float: ...
 
 
 class HeadStats(Protocol):
@@ -54,7 +61,7 @@ class Aggregation:
             f"unknown aggregation {text[:32]!r}; expected one of min, mean, max, uwo, lcb, head:<i>"
         )
 
-    def for_novelty(self, info: NoveltyInfo | None) -> Aggregation:
+    def for_novelty(self, info: NoveltyScale | None) -> Aggregation:
         """Bind `lcb` to a model's reference units; ValueError when the model has no statistic."""
         if self.kind != "lcb":
             return self

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_store.aggregation import Aggregation
 from model_store.errors import ModelStoreError
-from model_store.novelty import NoveltyInfo
+from model_store.novelty import NoveltyInfo, NoveltyStat, save_novelty
 from model_store.uncertainty import DisagreementQuantiles
 
 MANIFEST_NAME = "reward_heads.json"
@@ -176,3 +176,18 @@ def checksum_tree(directory: Path) -> dict[str, str]:
         if p.is_file() and p.name != MANIFEST_NAME:
             out[p.relative_to(directory).as_posix()] = sha256_file(p)
     return out
+
+
+def attach_novelty(directory: Path, stat: NoveltyStat, info: NoveltyInfo) -> None:
+    """Write `novelty.safetensors` and the manifest entry into a model directory (not a store version:
+    versions are immutable; `hydra-rm calibrate` writes into a copy and publishes that). Checksums the
+    manifest already listed are recomputed so the directory still verifies."""
+    directory = Path(directory)
+    manifest = RewardManifest.read(directory)
+    if manifest is None:
+        raise ValueError(f"{directory} has no manifest to record the novelty statistic in")
+    save_novelty(stat, directory)
+    update: dict[str, object] = {"novelty": info}
+    if manifest.files:
+        update["files"] = checksum_tree(directory)
+    manifest.model_copy(update=update).write(directory)

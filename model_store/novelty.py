@@ -172,20 +172,3 @@ def load_novelty(directory: Path, info: NoveltyInfo) -> NoveltyStat:
     if not (torch.isfinite(basis).all() and torch.isfinite(coef).all()) or bool((coef < 0).any()):
         raise ValueError(f"{path}: non-finite or negative values: the file is corrupted")
     return NoveltyStat(basis.contiguous(), coef.contiguous(), info.resid, info.lam, info.n)
-
-
-def attach_novelty(directory: Path, stat: NoveltyStat, info: NoveltyInfo) -> None:
-    """Write `novelty.safetensors` and the manifest entry into a model directory (not a store version:
-    versions are immutable; `hydra-rm calibrate` writes into a copy and publishes that). Checksums the
-    manifest already listed are recomputed so the directory still verifies."""
-    from model_store.manifest import RewardManifest, checksum_tree
-
-    directory = Path(directory)
-    manifest = RewardManifest.read(directory)
-    if manifest is None:
-        raise ValueError(f"{directory} has no manifest to record the novelty statistic in")
-    save_novelty(stat, directory)
-    update: dict[str, object] = {"novelty": info}
-    if manifest.files:
-        update["files"] = checksum_tree(directory)
-    manifest.model_copy(update=update).write(directory)

@@ -18,12 +18,11 @@ from typing import Any
 import torch
 
 from model_store.loader import RewardModel, load_reward_model
-from model_store.manifest import MANIFEST_NAME
+from model_store.manifest import MANIFEST_NAME, attach_novelty
 from model_store.novelty import (
     DEFAULT_LAMBDA,
     NoveltyInfo,
     NoveltyStat,
-    attach_novelty,
     describe,
     fit_novelty,
     novelty,

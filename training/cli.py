@@ -311,71 +311,8 @@ def toydata(
     typer.echo(f"wrote {pairs} pairs to {out}")
 
 
-def calibrate_cmd(
-    model: Annotated[str, typer.Option(help="Store name (`name` or `name:version`), directory or hub id.")],
-    data: Annotated[
-        Path,
-        typer.Option(
-            help="JSONL reference set: items ({text} | {prompt, response} | {messages}) or preference "
-            "pairs ({prompt, chosen, rejected}: both responses count), e.g. the RM's training data or "
-            "on-policy samples from the first RL steps."
-        ),
-    ],
-    name: Annotated[
-        str | None, typer.Option(help="Store name to publish under (default: the model's own store name).")
-    ] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="Ridge lambda of the Gram matrix.")] = 1.0,
-    holdout: Annotated[
-        float, typer.Option(help="Share of the texts kept out of the fit for the quantiles.")
-    ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the fit/quantile split.")] = 0,
-    rank: Annotated[
-        int | None, typer.Option(help="Keep only the top R eigen-directions (default: exact, full rank).")
-    ] = None,
-    store: Annotated[Path | None, typer.Option(help="Model store root.")] = None,
-) -> None:
-    """Fit the feature-space novelty statistic for any served model and publish it as a new version.
-
-    u(x) = sqrt(phi^T (Phi^T Phi + lambda I)^-1 phi) over the pooled state the heads read; served as
-    `novelty` / `novelty_percentile` and usable as the `lcb` aggregation. The new version is loaded,
-    self-checked and probed as `hydra-rm models import` does before it becomes visible.
-    """
-    from cli.import_check import check_importable
-    from model_store.errors import ModelStoreError
-    from scoring.settings import Settings
-    from training.calibrate import calibrate
-
-    model_store = _store(store)
-    settings = Settings(store_root=model_store.root)
-    try:
-        ref, info = calibrate(
-            model, data, model_store, name=name, lam=lam, holdout=holdout, seed=seed, rank=rank,
-            check=lambda copy: check_importable(copy, settings),
-        )  # fmt: skip
-    except (ModelStoreError, ValueError, OSError, FileExistsError) as e:
-        raise _fail(f"{e}\nnothing was published") from e
-    q = dict(zip(info.quantiles.probs, info.quantiles.values, strict=True))
-    typer.echo(
-        json.dumps(
-            {
-                "published": str(ref),
-                "path": str(ref.path),
-                "fit_rows": info.n,
-                "quantile_rows": info.quantiles.n,
-                "lambda": info.lam,
-                "rank": info.rank,
-                "u_median": q.get(0.5),
-                "u_p95": q.get(0.95),
-                "reward_std": info.reward_std,
-            },
-            indent=2,
-        )  # fmt: skip
-    )
-
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="hydra-rm training commands.")
 app.command("train")(train)
-app.command("calibrate")(calibrate_cmd)
 app.command("eval")(eval_)
 app.add_typer(experiment_app, name="experiment")
 

@@ -10,11 +10,10 @@ import torch
 
 from model_store import ChecksumMismatch, ModelStore, ModelStoreError, RewardManifest
 from model_store.loader import load_reward_model
-from model_store.manifest import MANIFEST_NAME
+from model_store.manifest import MANIFEST_NAME, attach_novelty
 from model_store.novelty import (
     NOVELTY_FILE,
     NoveltyInfo,
-    attach_novelty,
     describe,
     fit_novelty,
     load_novelty,
