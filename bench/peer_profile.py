@@ -34,7 +34,7 @@ from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `hydra-rm serve` runs with (service/settings.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `hydra-rm serve` runs with (scoring/settings.py)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -91,7 +91,7 @@ def main() -> None:
     env = {**os.environ, **ENV}
     hydra_port, raw_port = free_port(), free_port()
     hydra = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--model", str(model), "--port", str(hydra_port)],
+        [sys.executable, "-m", "cli", "serve", "--model", str(model), "--port", str(hydra_port)],
         cwd=ROOT,
         env={**env, "HYDRA_RM_ENGINE": "vllm", "HYDRA_RM_LOG_LEVEL": "warning"},
         stdout=(tmp / "hydra.log").open("w"),

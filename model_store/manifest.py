@@ -11,14 +11,16 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_store.aggregation import Aggregation
 from model_store.errors import ModelStoreError
-from model_store.novelty import NoveltyInfo, NoveltyStat, save_novelty
-from model_store.uncertainty import DisagreementQuantiles
+from model_store.uncertainty import DisagreementQuantiles, NoveltyInfo
+
+if TYPE_CHECKING:
+    from model_store.novelty import NoveltyStat
 
 MANIFEST_NAME = "reward_heads.json"
 FORMAT_VERSION = 1
@@ -182,6 +184,8 @@ def attach_novelty(directory: Path, stat: NoveltyStat, info: NoveltyInfo) -> Non
     """Write `novelty.safetensors` and the manifest entry into a model directory (not a store version:
     versions are immutable; `hydra-rm calibrate` writes into a copy and publishes that). Checksums the
     manifest already listed are recomputed so the directory still verifies."""
+    from model_store.novelty import save_novelty  # torch: loaded only when a statistic is written
+
     directory = Path(directory)
     manifest = RewardManifest.read(directory)
     if manifest is None:

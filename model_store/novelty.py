@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model_store.uncertainty import DisagreementQuantiles, fit_quantiles
+from model_store.uncertainty import NOVELTY_FILE, NoveltyInfo, fit_quantiles
 
 DEFAULT_LAMBDA = 1.0
-NOVELTY_FILE = "novelty.safetensors"
 
 
 @dataclass(frozen=True)
@@ -95,37 +93,6 @@ def novelty_exact(features: torch.Tensor, reference: torch.Tensor, lam: float) -
     x = features.to(torch.float64)
     a = ref.T @ ref + lam * torch.eye(ref.shape[1], dtype=torch.float64)
     return (x * torch.linalg.solve(a, x.T).T).sum(1).clamp(min=0.0).sqrt()
-
-
-class NoveltyInfo(BaseModel):
-    """The manifest's description of `novelty.safetensors` and its reference quantiles."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    file: str = Field(default=NOVELTY_FILE, description="safetensors file with `basis` and `coef`")
-    hidden_size: int = Field(ge=1)
-    rank: int = Field(ge=1)
-    lam: float = Field(gt=0.0)
-    resid: float = Field(ge=0.0)
-    n: int = Field(ge=1, description="reference rows the matrix was fitted on")
-    feature: str = Field(description="pooling kind of phi (the row the heads read)")
-    quantiles: DisagreementQuantiles = Field(description="u on the held-out reference split")
-    reward_std: float = Field(gt=0.0, description="std of the mean-over-heads reward on that split")
-
-    @model_validator(mode="after")
-    def _shape(self) -> NoveltyInfo:
-        if self.rank > self.hidden_size:
-            raise ValueError("novelty.rank cannot exceed novelty.hidden_size")
-        if self.file != NOVELTY_FILE:
-            raise ValueError(f"novelty.file must be {NOVELTY_FILE!r}")
-        if self.median <= 0:
-            raise ValueError("novelty.quantiles must have a positive median (p = 0.5)")
-        return self
-
-    @property
-    def median(self) -> float:
-        """u at the reference median: the unit of `lcb`'s beta."""
-        return float(dict(zip(self.quantiles.probs, self.quantiles.values, strict=True)).get(0.5, 0.0))
 
 
 def describe(stat: NoveltyStat, held_out_u: list[float], reward_std: float, feature: str) -> NoveltyInfo:

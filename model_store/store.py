@@ -29,7 +29,7 @@ from model_store.manifest import (
     resolve_manifest,
     sha256_file,
 )
-from model_store.novelty import NOVELTY_FILE
+from model_store.uncertainty import NOVELTY_FILE
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -81,3 +81,39 @@ def std_percentile(std: float, quantiles: DisagreementQuantiles | None) -> float
     lo_v, hi_v, lo_p, hi_p = vs[i - 1], vs[i], ps[i - 1], ps[i]
     frac = (std - lo_v) / (hi_v - lo_v)
     return 100.0 * (lo_p + frac * (hi_p - lo_p))
+
+
+# The novelty statistic's description lives here, beside the std's quantiles, so the manifest reads
+# it without importing torch (model_store/novelty.py holds the math and the tensors).
+NOVELTY_FILE = "novelty.safetensors"
+
+
+class NoveltyInfo(BaseModel):
+    """The manifest's description of `novelty.safetensors` and its reference quantiles."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    file: str = Field(default=NOVELTY_FILE, description="safetensors file with `basis` and `coef`")
+    hidden_size: int = Field(ge=1)
+    rank: int = Field(ge=1)
+    lam: float = Field(gt=0.0)
+    resid: float = Field(ge=0.0)
+    n: int = Field(ge=1, description="reference rows the matrix was fitted on")
+    feature: str = Field(description="pooling kind of phi (the row the heads read)")
+    quantiles: DisagreementQuantiles = Field(description="u on the held-out reference split")
+    reward_std: float = Field(gt=0.0, description="std of the mean-over-heads reward on that split")
+
+    @model_validator(mode="after")
+    def _shape(self) -> NoveltyInfo:
+        if self.rank > self.hidden_size:
+            raise ValueError("novelty.rank cannot exceed novelty.hidden_size")
+        if self.file != NOVELTY_FILE:
+            raise ValueError(f"novelty.file must be {NOVELTY_FILE!r}")
+        if self.median <= 0:
+            raise ValueError("novelty.quantiles must have a positive median (p = 0.5)")
+        return self
+
+    @property
+    def median(self) -> float:
+        """u at the reference median: the unit of `lcb`'s beta."""
+        return float(dict(zip(self.quantiles.probs, self.quantiles.values, strict=True)).get(0.5, 0.0))

@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 @dataclass
 class VllmOptions:
-    """What hydra-rm passes to vLLM (HYDRA_RM_VLLM_* settings, service/settings.py)."""
+    """What hydra-rm passes to vLLM (HYDRA_RM_VLLM_* settings, scoring/settings.py)."""
 
     python: Path | None = None
     dtype: str = "auto"

@@ -15,8 +15,7 @@ from pydantic import (
     model_serializer,
 )
 
-from model_store.novelty import NoveltyInfo
-from model_store.uncertainty import DisagreementQuantiles
+from model_store.uncertainty import DisagreementQuantiles, NoveltyInfo
 from scoring.items import ScoreItem, Text
 
 

@@ -16,9 +16,8 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from model_store.aggregation import Aggregation
-from model_store.novelty import NoveltyInfo
 from model_store.tokenization import EncodedItem, Item, ItemError
-from model_store.uncertainty import DisagreementQuantiles, std_percentile
+from model_store.uncertainty import DisagreementQuantiles, NoveltyInfo, std_percentile
 from scoring.interface import Engine
 from scoring.results import ItemScore
 from scoring.settings import Settings

@@ -351,7 +351,6 @@ class Trainer:
         model.eval()
         stat = None
         if cfg.novelty_lambda is not None:
-            from model_store.tokenization import Item
             from training.calibrate import novelty_for_training
 
             train_items = [Item(**it) for p in self.train_pairs for it in (p.chosen, p.rejected)]

@@ -123,6 +123,8 @@ def _fake_score(heads: dict[str, float]):  # noqa: ANN202 - a stand-in for clien
         mean=sum(values) / len(values),
         std=0.0,
         heads=heads,
+        novelty=None,  # a model without the novelty statistic
+        novelty_percentile=None,
     )
 
 

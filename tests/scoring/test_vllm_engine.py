@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from service.settings import Settings
 
 from model_store.manifest import HeadNormalization, RewardManifest
 from scoring.engine import Item
+from scoring.settings import Settings
 from scoring.vllm_engine import VllmUnavailable, vllm_available
 from tests.builders import build_tiny_decoder
 from tests.service.conftest import ControlledEngine, live_server, wait_until

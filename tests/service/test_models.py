@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service.settings import Settings
 
 from scoring.engine import Item
+from scoring.settings import Settings
 from tests.builders import build_tiny_llama
 from tests.service.conftest import live_server, metric_value
 
