@@ -225,9 +225,6 @@ def serve(
 ) -> None:
     """Serve the HTTP API (every other setting comes from HYDRA_RM_* variables; see the README)."""
     _quiet_hf()
-    from scoring.settings import passive_omp_wait
-
-    passive_omp_wait()  # before torch loads
     from pydantic import ValidationError
 
     from service.server import run

@@ -29,12 +29,11 @@ BatchObserver = Callable[[Sequence["EncodedItem"], Sequence[ItemScore], float], 
 # Defaults by device (bench/results/engine-cpu.md: on CPU a 1-2k token budget is best and 16k loses
 # 12%; padding 8 random-length items together costs 40%, so the CPU padding cap is tight).
 CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET = 2048, 65536
-# No padding at all on CPU: rows of different lengths run apart. A padded batch needs an explicit
-# attention mask, and per token it cost 1.8x what the same items cost unpadded though it carried only
-# 1.7% padding (distinct items, 772 vs 421 us per token; HYDRA_RM_MAX_PADDING=0 vs 0.1: distinct
-# 1.82x, GRPO 1.33x, c=1 p50 0.64x, bench/results/peer-padding-ab-cpu.md); a quiet run had one item
-# at a time at 74 items/s vs 71 capped at 10% (bench/results/engine-cpu.md).
-CPU_MAX_PADDING = 0.0
+# 10% on CPU: padding costs linearly here (bench/results/engine-cpu.md). A cap of 0 won 1.33-1.82x only
+# at load 20-35 on a shared machine (bench/results/peer-padding-ab-cpu.md); on the quiet machine the tree
+# with cap 0 (and PASSIVE waits and the prompt cache) lost 0.62-0.78x to this one (bench/results/
+# peer-merge-ab-cpu.md), and with the cap at 0.1 it beat cap 0 on GRPO and distinct items.
+CPU_MAX_PADDING = 0.1
 # GPU padding cap, from arithmetic (no GPU measurement yet; bench/gpu_e2e.py is the check).
 # A decoder forward over n tokens of a model with N parameters does ~2*N*n FLOPs and reads the 2*N
 # bytes of bf16 weights once, so its arithmetic intensity is ~n FLOP/byte. It turns compute-bound

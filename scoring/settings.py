@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -106,8 +105,8 @@ class Settings(BaseSettings):
         default=None,
         ge=0.0,
         description="Most padding a service batch may carry, as a share of its real tokens (batches are "
-        "split beyond it). Default 0 on CPU: rows of different lengths run apart (a padded batch cost 1.8x per "
-        "token with 1.7% padding, bench/results/peer-padding-ab-cpu.md), 0.25 on CUDA, where a 7-8B model is compute-bound "
+        "split beyond it). Default 0.1 on CPU, where compute is linear in padded tokens (measured: "
+        "padding 8 random-length items together costs 40%), 0.25 on CUDA, where a 7-8B model is compute-bound "
         "past ~300 tokens per batch (the arithmetic is at GPU_MAX_PADDING in scoring/batching.py).",
     )
     prefix_sharing: Literal["auto", "off"] = Field(
@@ -302,19 +301,6 @@ class Settings(BaseSettings):
         if self.docs is not None:
             return self.docs
         return "auth" if self.api_keys else "public"
-
-
-def passive_omp_wait() -> None:
-    """OMP_WAIT_POLICY=PASSIVE for this process unless the environment says otherwise; call it before
-    torch is imported (libgomp reads it once, when it loads).
-
-    libgomp's default has each intra-op thread spin for a while after every parallel region. When the
-    cores are shared (other processes, or this server's own event loop and tokenizer), the spinning
-    thread holds the core the working one needs: on the shared 2-core bench machine (load 20-34) the
-    service at 32 clients ran GRPO at 0.5 items/s with the default, 6.4 with PASSIVE and 4.4 with one
-    torch thread (medians of 3 rounds, bench/results/peer-threads-ab-cpu.md); on a quiet machine
-    PASSIVE cost nothing measurable (bench/results/threads-cpu.md). OMP_WAIT_POLICY=ACTIVE opts out."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def apply_torch_threads(settings: Settings) -> int:
