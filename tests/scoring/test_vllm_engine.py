@@ -127,7 +127,7 @@ def test_rewards_through_both_routes_equal_hf_logits(vllm_engine: Any, model_dir
         reward = c.post("/get_reward", json={"query": texts})
         card = c.get("/v1/models").json()["data"][0]
     assert score.status_code == 200 and reward.status_code == 200, (score.text, reward.text)
-    heads = torch.tensor([r["heads"] for r in score.json()["results"]])
+    heads = torch.tensor([[r["heads"][n] for n in vllm_engine.head_names] for r in score.json()["results"]])
     assert (heads - ref).abs().max().item() < 1e-4
     logs = reward.json()["extra_logs"]
     per_head = torch.tensor([logs[n] for n in vllm_engine.head_names]).T
