@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import os
 import platform
 import random
@@ -30,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,15 +220,16 @@ def padded_vs_sorted(engine: ScoringEngine, texts: list[str], repeats: int) -> l
     return rows
 
 
-def sharing_supported() -> bool:
-    """Whether this build's engine takes `prefix_sharing` (added in parallel to this bench)."""
-    return "prefix_sharing" in inspect.signature(ScoringEngine.__init__).parameters
-
-
 def prefix_sharing(rm: RewardModel, policy: BatchPolicy, texts: list[str], repeats: int) -> list[Row]:
+    """Sharing off vs on (`BatchPolicy.prefix_sharing`); "on" stays off where the engine's self-check
+    refuses the architecture, and then raises rather than report a row that measured nothing."""
     rows = []
     for mode in ("off", "auto"):
-        engine = ScoringEngine(rm, policy=policy, prefix_sharing=mode)  # type: ignore[call-arg]
+        engine = ScoringEngine(rm, policy=replace(policy, prefix_sharing=mode == "auto"))
+        if mode == "auto" and not engine.prefix.sharing:
+            raise RuntimeError(
+                f"prefix sharing refused by the engine's self-check on {type(rm.model).__name__}"
+            )
         enc = [engine.encode(Item(text=t)) for t in texts]
         tokens = sum(e.n_tokens for e in enc)
         computed = tokens - (shared_prefix_tokens(enc) if mode == "auto" else 0)
@@ -402,13 +402,13 @@ def main() -> None:
     grpo = grpo_texts(prompts, group, p_words, r_words)
     grpo_tokens = sum(engine.encode(Item(text=t)).n_tokens for t in grpo)
     notes = []
-    sharing = sharing_supported()
+    sharing = policy.prefix_sharing
     if sharing:
-        rows += prefix_sharing(rm, policy, grpo, repeats)
-    else:
-        notes.append(
-            "- GRPO prefix sharing: not available in this build (ScoringEngine has no `prefix_sharing` option)."
-        )
+        try:
+            rows += prefix_sharing(rm, policy, grpo, repeats)
+        except RuntimeError as exc:
+            sharing = False
+            notes.append(f"- GRPO prefix sharing: {exc}.")
     saved = shared_prefix_tokens([engine.encode(Item(text=t)) for t in grpo])
     notes.append(
         f"- GRPO workload: {prompts} prompts x G={group}, {grpo_tokens} real tokens of which {saved} are a "

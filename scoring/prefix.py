@@ -16,6 +16,7 @@ same sub-batches grow with the padding cap.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -105,6 +106,12 @@ class PrefixCache:
         self._lru.clear()
         self._by_head.clear()
         self.bytes = 0
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The keyword a decoder's forward takes its KV cache by: `cache` from transformers 5.2x,
+    `past_key_values` before (5.17 ignored `cache` silently, so sharing disabled itself on a GPU host)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def is_causal_decoder(model: nn.Module) -> bool:
@@ -293,8 +300,8 @@ class PrefixScorer:
                 input_ids=torch.tensor([ids], device=e.device),
                 attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=e.device),
                 position_ids=torch.arange(len(ids), device=e.device)[None],
-                cache=cache,
                 use_cache=True,
+                **{_cache_kwarg(e.model.base_model): cache},
             )
         return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -344,8 +351,8 @@ class PrefixScorer:
                 input_ids=ids,
                 attention_mask=torch.cat([pmask, smask], dim=1),
                 position_ids=positions,
-                cache=cache,
                 use_cache=True,
+                **{_cache_kwarg(e.model.base_model): cache},
             )
             return e.scores(out, smask, [batch[i] for _, i in part])
 

@@ -38,22 +38,29 @@ def test_gpu_e2e_small_runs_and_writes_its_table(tmp_path: Path):
         assert float(ln.split("|")[6]) > 0 and float(ln.split("|")[7]) > 0
 
 
-def test_sharing_section_passes_the_option_and_counts_the_shared_prefix(tiny_engine, monkeypatch):
-    """The on/off section cannot run here until the engine has the option; its wiring can."""
+def test_sharing_section_measures_off_then_on_and_counts_the_shared_prefix(tiny_llama_dir, store):  # noqa: ANN001
+    """Off and on through the policy (the engine's own switch), on a decoder the self-check accepts."""
     from bench import gpu_e2e
-    from scoring.engine import ScoringEngine
+    from model_store.loader import load_reward_model
+    from scoring.batching import BatchPolicy
 
-    modes: list[str] = []
-
-    class WithOption(ScoringEngine):
-        def __init__(self, rm, *, prefix_sharing: str = "auto", **kw) -> None:  # noqa: ANN001, ANN003
-            modes.append(prefix_sharing)
-            super().__init__(rm, **kw)
-
-    monkeypatch.setattr(gpu_e2e, "ScoringEngine", WithOption)
+    rm = load_reward_model(str(tiny_llama_dir), store)
     texts = gpu_e2e.grpo_texts(2, 3, (10, 12), (2, 4))
-    rows = gpu_e2e.prefix_sharing(tiny_engine.rm, tiny_engine.policy, texts, repeats=1)
-    assert modes == ["off", "auto"]
+    rows = gpu_e2e.prefix_sharing(rm, BatchPolicy.resolve("cpu"), texts, repeats=1)
+    assert [r.schedule for r in rows] == ["sharing off", "sharing auto"]
     off, on = rows
     assert off.items == on.items == 6 and off.tokens == on.tokens == off.computed
     assert on.computed < on.tokens  # the repeated prompt is counted once per group
+
+
+def test_sharing_section_refuses_to_report_what_it_did_not_measure(tiny_bert_dir, store):  # noqa: ANN001
+    """An encoder cannot share a prefix: the section raises instead of timing sharing 'on' as off."""
+    import pytest
+
+    from bench import gpu_e2e
+    from model_store.loader import load_reward_model
+    from scoring.batching import BatchPolicy
+
+    rm = load_reward_model(str(tiny_bert_dir), store)
+    with pytest.raises(RuntimeError, match="refused"):
+        gpu_e2e.prefix_sharing(rm, BatchPolicy.resolve("cpu"), ["a b c d e f g h"] * 2, repeats=1)

@@ -36,15 +36,18 @@ def _case(b: int, t: int, h: int, k: int, dtype: torch.dtype, device: str) -> tu
 def test_compiled_kernel_matches_reference_with_one_variant_across_b_and_t(dtype):
     # H and K fixed, so launch_config is the same for all these B (BLOCK_B stays 16 up to
     # 2 * n_sm * 16 rows): any extra cache entry would be a specialisation on B or T.
+    # The count is taken after the first launch: an earlier test (the novelty kernels) may already have
+    # compiled this dtype's variant, which the first H200 run showed (0 new variants, not 1).
     caches = mr._multihead_reward_kernel.device_caches[torch.cuda.current_device()][0]
-    before = len(caches)
+    before = None
     for b, t in [(1, 1), (3, 7), (16, 16), (17, 33), (64, 100), (200, 5)]:
         args = _case(b, t, 4096, 4, dtype, "cuda")
         got = mr.multihead_reward_triton(*args)
+        before = len(caches) if before is None else before
         ref = mr.multihead_reward_reference(*args, compute_dtype=torch.float64)
         for g, r in zip(got, ref, strict=True):
             torch.testing.assert_close(g.double(), r, atol=2e-3, rtol=2e-3)
-    assert len(caches) == before + 1, f"{len(caches) - before} variants compiled for one dtype"
+    assert len(caches) == before, f"{len(caches) - before} more variants compiled across B and T"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
