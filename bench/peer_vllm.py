@@ -63,6 +63,7 @@ VLLM_COUNTERS = frozenset(
 PROMPT_TOKENS = (300, 700)
 HYDRA = "hydra-rm"
 VLLM = "vLLM"
+HYDRA_ON_VLLM = "hydra-rm on vLLM"  # hydra-rm serve with HYDRA_RM_ENGINE=vllm (issue 19's third column)
 
 
 def build_peer_model(dest: Path, *, hidden: int = 256, layers: int = 4) -> Path:
@@ -390,6 +391,16 @@ def report(
             if rates:
                 parts.append(f"{load} {100 * statistics.median(rates):.0f}% of prompt tokens hit")
         lines.append("; ".join(parts) + "." if parts else "(no prefix-cache counters found).")
+    if has_vllm and HYDRA_ON_VLLM in names:
+        lines += ["", "Goal (issue 19): hydra-rm on its vLLM engine >= 0.95x raw vLLM on both workloads:", ""]
+        for load in ("grpo", "distinct"):
+            if load in cells:
+                rs = cells[load].ratios(HYDRA_ON_VLLM, VLLM)
+                med = statistics.median(rs)
+                lines.append(f"- {load}: {med:.2f}x ({spread(rs)}), {'met' if med >= 0.95 else 'not met'}")
+        if "latency" in cells:
+            rs = cells["latency"].ratios(HYDRA_ON_VLLM, VLLM, "p50_ms")
+            lines.append(f"- c=1 p50: {statistics.median(rs):.2f}x vLLM's ({spread(rs)}; below 1 is faster)")
     if has_vllm:
         lines += ["", "Goals (issue 18): >= 1.0x vLLM on both workloads at 32 clients; c=1 p50 no worse:", ""]
         for load in ("grpo", "distinct"):
@@ -436,6 +447,11 @@ def main() -> None:
     ap.add_argument(
         "--no-vllm", action="store_true", help="hydra-rm only (the A/B of a change, or a smoke test)"
     )
+    ap.add_argument(
+        "--vllm-engine",
+        action="store_true",
+        help="add hydra-rm on its vLLM engine (HYDRA_RM_ENGINE=vllm) as a third column",
+    )
     ap.add_argument("--timeout", type=float, default=600, help="seconds for one run of one workload")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--out", type=Path, default=None)
@@ -464,6 +480,9 @@ def main() -> None:
             servers.append(
                 hydra_server(name, model_dir, tmp, dict(kv.split("=", 1) for kv in kvs), root or ROOT)
             )
+    if args.vllm_engine:
+        env["desc"][HYDRA_ON_VLLM] = "HYDRA_RM_ENGINE=vllm (its own vLLM child)"
+        servers.append(hydra_server(HYDRA_ON_VLLM, model_dir, tmp, {"HYDRA_RM_ENGINE": "vllm"}))
     if not args.no_vllm:
         servers.append(vllm_server(model_dir, tmp))
     names = [s.name for s in servers]
