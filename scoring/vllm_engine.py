@@ -247,6 +247,8 @@ class VllmEngine:
     # The batcher's queued-ahead batch is sent while the running one computes (service/runtime.py), so
     # vLLM's scheduler always holds the next batch instead of idling through each HTTP round trip.
     concurrent_forwards = 2
+    # vLLM runs each sequence unpadded: /metrics counts a batch's real tokens, not a padded rectangle.
+    pads_batches = False
 
     def __init__(
         self,

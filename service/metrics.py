@@ -225,10 +225,17 @@ class Metrics:
         self.prefix_shared_items.inc(plan.shared_items)
 
     def observe_batch(
-        self, batch: Sequence[EncodedItem], scores: Sequence[ItemScore], seconds: float
+        self,
+        batch: Sequence[EncodedItem],
+        scores: Sequence[ItemScore],
+        seconds: float,
+        *,
+        padded_forward: bool = True,
     ) -> None:
+        """`padded_forward=False` for an engine that runs each sequence unpadded (vLLM's varlen batches):
+        its batch computes its real tokens, so padding is 0 rather than what a padded pass would cost."""
         real = sum(e.n_tokens for e in batch)
-        padded = max(e.n_tokens for e in batch) * len(batch)
+        padded = max(e.n_tokens for e in batch) * len(batch) if padded_forward else real
         self.batch_size.observe(len(batch))
         self.batch_tokens.observe(padded)
         self.padding_ratio.observe(1.0 - real / padded if padded else 0.0)

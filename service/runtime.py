@@ -5,6 +5,7 @@ lifespan once the model is loaded."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -77,7 +78,11 @@ class ScoringService:
             max_queue_tokens=settings.max_queue_tokens,
             max_wait_s=settings.max_wait_ms / 1000.0,
             retry_after_s=settings.retry_after_s,
-            observer=metrics.observe_batch,
+            observer=(
+                metrics.observe_batch
+                if getattr(engine, "pads_batches", True)
+                else functools.partial(metrics.observe_batch, padded_forward=False)
+            ),
             on_failure=lambda _: metrics.batch_failures.inc(),
             more_coming=self.arrivals.more_coming,
             executor=torch_thread,

@@ -152,3 +152,26 @@ def test_job_rows_carry_std_percentile(trained, tiny_engine, tmp_path: Path) -> 
     ScoreJob(tiny_engine, src, tmp_path / "plain.jsonl").run(progress_bar=False)
     plain = _rows(tmp_path / "plain.jsonl")
     assert len(plain) == 20 and all("std_percentile" in r and r["std_percentile"] is None for r in plain)
+
+
+def test_unpadded_engine_batches_report_no_padding() -> None:
+    """A varlen engine (vLLM) computes real tokens only: padding 0, batch tokens = real tokens."""
+    from scoring.results import ItemScore
+
+    def s() -> Any:
+        return ItemScore([0.0, 0.0], 0.0, 0.0, 0.0, 0.1, 3, False)
+
+    enc = [type("E", (), {"n_tokens": n})() for n in (3, 9)]
+    padded, varlen = Metrics(["a", "b"]), Metrics(["a", "b"])
+    padded.observe_batch(enc, [s(), s()], 0.01)
+    varlen.observe_batch(enc, [s(), s()], 0.01, padded_forward=False)
+
+    def value(m: Metrics, name: str) -> float:
+        return m.registry.get_sample_value(name) or 0.0
+
+    assert (
+        value(padded, "hydra_rm_batch_tokens_sum") == 18 and value(varlen, "hydra_rm_batch_tokens_sum") == 12
+    )
+    assert (
+        value(padded, "hydra_rm_padding_ratio_sum") > 0.3 and value(varlen, "hydra_rm_padding_ratio_sum") == 0
+    )
