@@ -86,6 +86,13 @@ class Settings(BaseSettings):
         "`--gpu-memory-utilization 0.85 --max-num-batched-tokens 16384`). Prefix caching follows "
         "`HYDRA_RM_PREFIX_SHARING`; the model, port, task and max length are hydra-rm's.",
     )
+    vllm_forwards: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Batches hydra-rm keeps in flight to vLLM at once (vLLM schedules their items together; "
+        "more keeps its continuous batching fed, fewer keeps each batch's latency down).",
+    )
     vllm_startup_timeout_s: float = Field(
         default=900.0,
         gt=0.0,

@@ -97,6 +97,7 @@ class VllmOptions:
     prefix_caching: bool = True
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 900.0
+    forwards: int = 2  # batches in flight at once (HYDRA_RM_VLLM_FORWARDS)
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -267,6 +268,7 @@ class VllmEngine:
         from model_store.loader import default_max_length
 
         options = options or VllmOptions()
+        self.concurrent_forwards = options.forwards
         self.path = Path(model_dir)
         self.name, self.version = name, version
         config = AutoConfig.from_pretrained(self.path, trust_remote_code=options.trust_remote_code)
@@ -425,6 +427,7 @@ def build_vllm_engine(settings: Any) -> VllmEngine:
         prefix_caching=settings.prefix_sharing != "off",
         extra_args=shlex.split(settings.vllm_args),
         startup_timeout_s=settings.vllm_startup_timeout_s,
+        forwards=settings.vllm_forwards,
         allow_pickle=settings.allow_pickle,
         trust_remote_code=settings.trust_remote_code,
     )
