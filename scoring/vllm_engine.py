@@ -29,7 +29,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,11 @@ LAUNCHER = Path(__file__).with_name("vllm_child.py")
 SERVED_NAME = "rm"
 # Measured on this CPU (issue 18): without these vLLM's CPU build pins its OpenMP threads to cores it
 # reserves for its front end and the engine crawls on 2 cores. Set only when absent (ignored on GPU).
+# VLLM_CPU_KVCACHE_SPACE: without it vLLM 0.32's CPU build reserves 92% of the machine's RAM
+# (`--gpu-memory-utilization` means RAM there) and refuses to start unless that much is free, which a
+# user's host sharing RAM with anything else never has (hit here at 17.8 of 23.5 GiB free).
 CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "2",
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
     "VLLM_NO_USAGE_STATS": "1",
@@ -77,6 +81,12 @@ def find_vllm_python(configured: Path | None) -> Path:
         f"HYDRA_RM_ENGINE=vllm needs vLLM's interpreter, not found at {where}: build it with `make vllm-env` "
         "or set HYDRA_RM_VLLM_PYTHON to a python that can `import vllm`"
     )
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """vLLM's environment: the CPU defaults where the operator set nothing, and offline (the model is a
+    local directory)."""
+    return {**CPU_ENV_DEFAULTS, **environ, "HF_HUB_OFFLINE": "1"}
 
 
 def _free_port() -> int:
@@ -128,7 +138,7 @@ class VllmChild:
         if options.trust_remote_code:
             args += ["--trust-remote-code"]
         self.cmd = [str(self.python), str(LAUNCHER), *args, *options.extra_args]
-        env = {**CPU_ENV_DEFAULTS, **os.environ, "HF_HUB_OFFLINE": "1"}  # the model is a local directory
+        env = child_env(os.environ)
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         log.info("starting vLLM: %s", " ".join(shlex.quote(c) for c in self.cmd).replace(self.api_key, "***"))
         self.proc = subprocess.Popen(

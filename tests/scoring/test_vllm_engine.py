@@ -73,7 +73,8 @@ def vllm_engine(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> An
         pytest.skip("vLLM's venv is absent (.venv-vllm): `make test-vllm` builds it and runs these tests")
     from scoring.vllm_engine import build_vllm_engine
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # No VLLM_CPU_KVCACHE_SPACE here: the engine's own default must start vLLM on a host whose RAM is
+    # not 92% free (vLLM 0.32's CPU default), as a user's is.
     settings = Settings(engine="vllm", model=str(model_dir), store_root=tmp_path_factory.mktemp("store"))
     engine = build_vllm_engine(settings)
     yield engine
@@ -104,6 +105,14 @@ def test_vllm_refuses_an_encoder_model_with_a_clear_error(tiny_bert_dir: Path, t
     settings = Settings(engine="vllm", model=str(tiny_bert_dir), store_root=tmp_path, vllm_python=Path("/"))
     with pytest.raises(VllmUnavailable, match="decoder reward models only.*BertForSequenceClassification"):
         build_vllm_engine(settings)
+
+
+def test_the_child_sizes_its_kv_cache_unless_the_operator_did() -> None:
+    from scoring.vllm_engine import child_env
+
+    assert child_env({})["VLLM_CPU_KVCACHE_SPACE"] == "2"  # not 92% of the host's RAM
+    assert child_env({"VLLM_CPU_KVCACHE_SPACE": "8"})["VLLM_CPU_KVCACHE_SPACE"] == "8"
+    assert child_env({"HF_HUB_OFFLINE": "0"})["HF_HUB_OFFLINE"] == "1"
 
 
 def test_vllm_without_its_venv_says_how_to_get_it(model_dir: Path, tmp_path: Path) -> None:
@@ -270,7 +279,7 @@ def test_sigterm_drains_then_stops_the_vllm_server(
     from tests.service.conftest import metric_value
     from tests.service.test_server import start_server
 
-    env = {"HYDRA_RM_ENGINE": "vllm", "HYDRA_RM_MAX_BATCH_SIZE": "2", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {"HYDRA_RM_ENGINE": "vllm", "HYDRA_RM_MAX_BATCH_SIZE": "2"}
     # vLLM's start: 30-45 s on a quiet 2-core CPU, minutes on a busy one.
     proc, url = start_server(tmp_path, "--model", str(model_dir), ready_timeout_s=1200, **env)
     try:
