@@ -1,9 +1,14 @@
 """`HydraClient` and `AsyncHydraClient`: score items against one or several hydra-rm replicas.
 
-Both share every decision (splitting, replica choice, retry policy, parsing) through `_Base` and
-client/_core.py; they differ only in how they wait and send. Scoring is a pure function of the item,
-so a request cut off mid-flight is safe to resend: a killed replica costs a retry, never a lost or
-duplicated result (tests/client/test_failover.py kills one mid-run).
+One source for both (sans-IO): `_Base` writes each flow (retry with Retry-After and failover, limit
+discovery, bisection on 413 or a bad item) once, as a generator that yields `Send` / `Sleep` steps and
+receives the response, or has the transport's exception thrown in. Each client only drives the steps:
+`HydraClient._run` with httpx.Client and time.sleep, `AsyncHydraClient._run` with httpx.AsyncClient and
+asyncio.sleep; they differ further only in how chunks run side by side (threads or tasks).
+tests/client/test_twins.py holds the two to the same request sequence.
+
+Scoring is a pure function of the item, so a request cut off mid-flight is safe to resend: a killed
+replica costs a retry, never a lost or duplicated result (tests/client/test_failover.py kills one mid-run).
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import httpx
 
@@ -53,6 +59,29 @@ OnError = Literal["raise", "none"]
 # (UnsupportedProtocol or LocalProtocolError are our own bugs; retrying them would only hide them.)
 RETRY_EXCEPTIONS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 RetryHook = Callable[[str, BaseException, int, float], None]
+T = TypeVar("T")
+Parts = list[tuple[range, ScoreResponse | HydraError]]
+
+
+@dataclass(frozen=True)
+class Send:
+    """A flow's step: send this request; the driver sends back the httpx response, or throws the
+    transport's exception into the flow."""
+
+    method: str
+    url: str
+    body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """A flow's step: wait this long (every replica is cooling down); the driver sends back None."""
+
+    seconds: float
+
+
+Step = Send | Sleep
+Flow = Generator[Step, Any, T]  # yields steps, receives replies, returns the flow's result
 
 
 def _default_on_retry(url: str, error: BaseException, attempt: int, wait: float) -> None:
@@ -189,6 +218,68 @@ class _Base:
             errors=errors,
         )
 
+    # -- the flows, written once (sans-IO): each yields Send/Sleep steps to its client's `_run` ------
+    def _request_flow(self, method: str, path: str, body: bytes | None = None) -> Flow[Any]:
+        """One call's JSON reply: next live replica, retry on a transport failure or a 502/503/504
+        (waiting out Retry-After and cooldowns), give up past `retries`."""
+        attempt = 0
+        while True:
+            replica, wait = self.pool.pick()
+            if wait > 0:
+                yield Sleep(wait)
+            try:
+                resp = yield Send(method, replica.url + path, body)
+                data = self._json(resp, replica)
+            except (HydraHTTPError, *RETRY_EXCEPTIONS) as e:
+                attempt += 1
+                self._after_failure(replica, e, attempt)
+                continue
+            self.pool.succeeded(replica)
+            return data
+
+    def _model_info_flow(self) -> Flow[ModelInfo]:
+        if self._info is None:
+            self._info = parse_models((yield from self._request_flow("GET", "/v1/models")))
+        return self._info
+
+    def _limits_flow(self) -> Flow[Limits]:
+        """Run under the client's lock, so concurrent first calls ask the server once."""
+        if self._limits is None:
+            card = (yield from self._model_info_flow()).raw
+            openapi = None
+            if self._needs_openapi(card):
+                try:
+                    openapi = yield from self._request_flow("GET", "/openapi.json")
+                except HydraHTTPError:  # schema not served: fall back to the defaults (and 413 splits)
+                    openapi = None
+            self._limits = self._resolve_limits(card, openapi)
+        return self._limits
+
+    def _range_flow(
+        self, encoded: list[bytes], idx: range, opts: dict[str, Any], on_error: OnError
+    ) -> Flow[Parts]:
+        """Score `encoded[idx]` in one request; halve and resend when it is too big (or, with
+        on_error="none", to corner a bad item)."""
+        try:
+            body = score_body([encoded[i] for i in idx], opts)
+            data = yield from self._request_flow("POST", "/v1/score", body)
+            return [(idx, parse_score_response(data, len(idx)))]
+        except HydraError as e:
+            if self._should_split(e, len(idx)) or (on_error == "none" and self._isolatable(e, len(idx))):
+                mid = idx.start + len(idx) // 2
+                lo = yield from self._range_flow(encoded, range(idx.start, mid), opts, on_error)
+                hi = yield from self._range_flow(encoded, range(mid, idx.stop), opts, on_error)
+                return lo + hi
+            if on_error == "none":
+                return [(idx, e)]
+            raise
+
+    def _chunk_flows(
+        self, encoded: list[bytes], limits: Limits, opts: dict[str, Any], on_error: OnError
+    ) -> list[Flow[Parts]]:
+        """One flow per request-sized chunk; the clients run them `concurrency` at a time."""
+        return [self._range_flow(encoded, idx, opts, on_error) for idx in split(encoded, limits)]
+
 
 class HydraClient(_Base):
     """Blocking client; thread-safe. Large inputs go out as several requests, `concurrency` at a time."""
@@ -210,41 +301,32 @@ class HydraClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        attempt = 0
+    def _run(self, flow: Flow[T]) -> T:
+        """Drive a flow with blocking I/O."""
+        reply: Any = None
+        error: Exception | None = None
         while True:
-            replica, wait = self.pool.pick()
-            if wait > 0:
-                time.sleep(wait)
             try:
-                resp = self._http.request(method, replica.url + path, content=body)
-                data = self._json(resp, replica)
-            except (HydraHTTPError, *RETRY_EXCEPTIONS) as e:
-                attempt += 1
-                self._after_failure(replica, e, attempt)
+                step = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value
+            reply, error = None, None
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
                 continue
-            self.pool.succeeded(replica)
-            return data
+            try:
+                reply = self._http.request(step.method, step.url, content=step.body)
+            except Exception as e:  # the flow decides: retry, or let it rise
+                error = e
 
     def model_info(self) -> ModelInfo:
         """The served model (`GET /v1/models`), fetched once."""
-        if self._info is None:
-            self._info = parse_models(self._request("GET", "/v1/models"))
-        return self._info
+        return self._run(self._model_info_flow())
 
     def limits(self) -> Limits:
         """How large one request may be: given, advertised by the server, or the server's defaults."""
         with self._lock:
-            if self._limits is None:
-                card = self.model_info().raw
-                openapi = None
-                if self._needs_openapi(card):
-                    try:
-                        openapi = self._request("GET", "/openapi.json")
-                    except HydraHTTPError:  # schema not served: fall back to the defaults (and 413 splits)
-                        openapi = None
-                self._limits = self._resolve_limits(card, openapi)
-            return self._limits
+            return self._run(self._limits_flow())
 
     def score(
         self,
@@ -263,38 +345,17 @@ class HydraClient(_Base):
         if not encoded:
             return ScoreList()
         opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta)
-        chunks = split(encoded, self.limits())
-
-        def run(idx: range) -> list[tuple[range, ScoreResponse | HydraError]]:
-            return self._score_range(encoded, idx, opts, on_error)
-
-        if len(chunks) == 1 or self.concurrency == 1:
-            parts = [p for c in chunks for p in run(c)]
+        flows = self._chunk_flows(encoded, self.limits(), opts, on_error)
+        if len(flows) == 1 or self.concurrency == 1:
+            parts = [p for f in flows for p in self._run(f)]
         else:
-            with ThreadPoolExecutor(min(self.concurrency, len(chunks))) as ex:
-                parts = [p for ps in ex.map(run, chunks) for p in ps]  # map keeps input order
+            with ThreadPoolExecutor(min(self.concurrency, len(flows))) as ex:
+                parts = [p for ps in ex.map(self._run, flows) for p in ps]  # map keeps input order
         return self._assemble(len(encoded), parts)
 
     def score_texts(self, texts: Iterable[str], **kwargs: Any) -> ScoreList:
         """Raw texts, tokenized as they are (e.g. a prompt and response already joined by a template)."""
         return self.score([{"text": t} for t in texts], **kwargs)
-
-    def _score_range(
-        self, encoded: list[bytes], idx: range, opts: dict[str, Any], on_error: OnError
-    ) -> list[tuple[range, ScoreResponse | HydraError]]:
-        try:
-            body = score_body([encoded[i] for i in idx], opts)
-            return [(idx, parse_score_response(self._request("POST", "/v1/score", body), len(idx)))]
-        except HydraError as e:
-            if self._should_split(e, len(idx)) or (on_error == "none" and self._isolatable(e, len(idx))):
-                mid = idx.start + len(idx) // 2
-                lo, hi = range(idx.start, mid), range(mid, idx.stop)
-                return self._score_range(encoded, lo, opts, on_error) + self._score_range(
-                    encoded, hi, opts, on_error
-                )
-            if on_error == "none":
-                return [(idx, e)]
-            raise
 
 
 class AsyncHydraClient(_Base):
@@ -317,39 +378,30 @@ class AsyncHydraClient(_Base):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, path: str, body: bytes | None = None) -> Any:
-        attempt = 0
+    async def _run(self, flow: Flow[T]) -> T:
+        """Drive a flow on the caller's loop (as `HydraClient._run`, awaiting instead of blocking)."""
+        reply: Any = None
+        error: Exception | None = None
         while True:
-            replica, wait = self.pool.pick()
-            if wait > 0:
-                await asyncio.sleep(wait)
             try:
-                resp = await self._http.request(method, replica.url + path, content=body)
-                data = self._json(resp, replica)
-            except (HydraHTTPError, *RETRY_EXCEPTIONS) as e:
-                attempt += 1
-                self._after_failure(replica, e, attempt)
+                step = flow.send(reply) if error is None else flow.throw(error)
+            except StopIteration as done:
+                return done.value
+            reply, error = None, None
+            if isinstance(step, Sleep):
+                await asyncio.sleep(step.seconds)
                 continue
-            self.pool.succeeded(replica)
-            return data
+            try:
+                reply = await self._http.request(step.method, step.url, content=step.body)
+            except Exception as e:  # the flow decides: retry, or let it rise
+                error = e
 
     async def model_info(self) -> ModelInfo:
-        if self._info is None:
-            self._info = parse_models(await self._request("GET", "/v1/models"))
-        return self._info
+        return await self._run(self._model_info_flow())
 
     async def limits(self) -> Limits:
         async with self._lock:
-            if self._limits is None:
-                card = (await self.model_info()).raw
-                openapi = None
-                if self._needs_openapi(card):
-                    try:
-                        openapi = await self._request("GET", "/openapi.json")
-                    except HydraHTTPError:
-                        openapi = None
-                self._limits = self._resolve_limits(card, openapi)
-            return self._limits
+            return await self._run(self._limits_flow())
 
     async def score(
         self,
@@ -366,14 +418,14 @@ class AsyncHydraClient(_Base):
         if not encoded:
             return ScoreList()
         opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta)
-        chunks = split(encoded, await self.limits())
+        flows = self._chunk_flows(encoded, await self.limits(), opts, on_error)
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def run(idx: range) -> list[tuple[range, ScoreResponse | HydraError]]:
+        async def run(flow: Flow[Parts]) -> Parts:
             async with gate:
-                return await self._score_range(encoded, idx, opts, on_error)
+                return await self._run(flow)
 
-        tasks = [asyncio.ensure_future(run(c)) for c in chunks]
+        tasks = [asyncio.ensure_future(run(f)) for f in flows]
         try:
             results = await asyncio.gather(*tasks)
         finally:
@@ -383,21 +435,3 @@ class AsyncHydraClient(_Base):
 
     async def score_texts(self, texts: Iterable[str], **kwargs: Any) -> ScoreList:
         return await self.score([{"text": t} for t in texts], **kwargs)
-
-    async def _score_range(
-        self, encoded: list[bytes], idx: range, opts: dict[str, Any], on_error: OnError
-    ) -> list[tuple[range, ScoreResponse | HydraError]]:
-        try:
-            body = score_body([encoded[i] for i in idx], opts)
-            data = await self._request("POST", "/v1/score", body)
-            return [(idx, parse_score_response(data, len(idx)))]
-        except HydraError as e:
-            if self._should_split(e, len(idx)) or (on_error == "none" and self._isolatable(e, len(idx))):
-                mid = idx.start + len(idx) // 2
-                lo, hi = range(idx.start, mid), range(mid, idx.stop)
-                return await self._score_range(encoded, lo, opts, on_error) + await self._score_range(
-                    encoded, hi, opts, on_error
-                )
-            if on_error == "none":
-                return [(idx, e)]
-            raise

@@ -140,11 +140,46 @@ def load_reward_model(
     verify: bool = True,
 ) -> RewardModel:
     """Load and verify; raises a ModelStoreError subclass with a message meant for an operator."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
     path, name, version, manifest = verified_source(
         spec, store, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, verify=verify
     )
+    model, loading = _load_weights(
+        path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, dtype=dtype
+    )
+    tokenizer = _load_tokenizer(path, trust_remote_code)
+    check_loading_info(loading, path)
+    check_finite_weights(model, path)
+    check_vocabulary(model, tokenizer, path)
+    k = int(model.config.num_labels)
+    defaults = {} if manifest is not None else {"max_length": default_max_length(model.config, tokenizer)}
+    manifest = resolve_manifest(manifest, k, **defaults)
+    novelty = _load_novelty(path, manifest, model, device)
+    model.to(device)
+    model.eval()
+    attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
+    log.info("loaded %s (%s) on %s in %s with %s attention", name, type(model).__name__, device, dtype, attn)
+    return RewardModel(
+        model=model,
+        tokenizer=tokenizer,
+        manifest=manifest,
+        name=name,
+        version=version,
+        path=path,
+        info={
+            "model_type": model.config.model_type,
+            "architecture": type(model).__name__,
+            "attn_implementation": attn,
+        },
+        novelty=novelty,
+    )
+
+
+def _load_weights(
+    path: Path, *, allow_pickle: bool, trust_remote_code: bool, dtype: torch.dtype
+) -> tuple[Any, dict[str, Any]]:
+    """The sequence-classification model and transformers' loading info (missing/unused keys)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         load_kw: dict[str, Any] = dict(
@@ -158,27 +193,36 @@ def load_reward_model(
         # sdpa (fused flash/memory-efficient kernels on CUDA, same logits as eager within float
         # rounding: the engine's HF-parity tests run on it) where the architecture has it, else eager.
         try:
-            model, loading = AutoModelForSequenceClassification.from_pretrained(
+            return AutoModelForSequenceClassification.from_pretrained(
                 path, attn_implementation="sdpa", **load_kw
             )
         except (ValueError, ImportError) as e:
             if "sdpa" not in str(e) and "scaled_dot_product" not in str(e):
                 raise
             log.info("%s has no sdpa attention (%s); using eager", path, _first_line(e))
-            model, loading = AutoModelForSequenceClassification.from_pretrained(
+            return AutoModelForSequenceClassification.from_pretrained(
                 path, attn_implementation="eager", **load_kw
             )
     except ModelStoreError:
         raise
     except Exception as e:
         raise ModelStoreError(f"failed to load the model weights from {path}: {type(e).__name__}: {e}") from e
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelStoreError(
             f"failed to load the tokenizer from {path} (tokenizer.json or the tokenizer's vocabulary "
             f"files missing or broken?): {type(e).__name__}: {_first_line(e)}"
         ) from e
+
+
+def check_loading_info(loading: dict[str, Any], path: Path) -> None:
+    """Every weight the config needs was in the files, and every weight in the files is used."""
     absent = sorted(
         {
             *loading.get("missing_keys", ()),
@@ -198,41 +242,25 @@ def load_reward_model(
             f"{f', ... {len(unused)} in all' if len(unused) > 5 else ''}): config.json does not describe "
             "these weights (a layer count or a size changed?)"
         )
-    check_finite_weights(model, path)
-    check_vocabulary(model, tokenizer, path)
-    k = int(model.config.num_labels)
-    defaults = {} if manifest is not None else {"max_length": default_max_length(model.config, tokenizer)}
-    manifest = resolve_manifest(manifest, k, **defaults)
-    novelty = None
-    if manifest.novelty is not None:
-        hidden = manifest.novelty.hidden_size
-        try:
-            novelty = load_novelty(path, manifest.novelty).to(device)
-        except ValueError as e:
-            raise ModelStoreError(f"the novelty statistic does not load: {e}") from e
-        width = _head_input_width(model)
-        if width is not None and width != hidden:
-            raise ModelStoreError(
-                f"the novelty statistic is for features of size {hidden} but the heads read {width}"
-            )
-    model.to(device)
-    model.eval()
-    attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
-    log.info("loaded %s (%s) on %s in %s with %s attention", name, type(model).__name__, device, dtype, attn)
-    return RewardModel(
-        model=model,
-        tokenizer=tokenizer,
-        manifest=manifest,
-        name=name,
-        version=version,
-        path=path,
-        info={
-            "model_type": model.config.model_type,
-            "architecture": type(model).__name__,
-            "attn_implementation": attn,
-        },
-        novelty=novelty,
-    )
+
+
+def _load_novelty(
+    path: Path, manifest: RewardManifest, model: Any, device: str | torch.device
+) -> NoveltyStat | None:
+    """The manifest's novelty statistic on `device`, checked against the width the heads read."""
+    if manifest.novelty is None:
+        return None
+    hidden = manifest.novelty.hidden_size
+    try:
+        novelty = load_novelty(path, manifest.novelty).to(device)
+    except ValueError as e:
+        raise ModelStoreError(f"the novelty statistic does not load: {e}") from e
+    width = _head_input_width(model)
+    if width is not None and width != hidden:
+        raise ModelStoreError(
+            f"the novelty statistic is for features of size {hidden} but the heads read {width}"
+        )
+    return novelty
 
 
 def _head_input_width(model: Any) -> int | None:

@@ -10,7 +10,7 @@ Invariants the tests hold us to:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +21,8 @@ from kernels import NoveltyTensors
 from model_store.errors import ModelStoreError
 from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
-from scoring.batching import BatchPolicy, score_planned
+from scoring.base import PlannedEngine
+from scoring.batching import BatchPolicy
 from scoring.heads import HeadForward, allow_tf32, resolve_head
 from scoring.prefix import PrefixScorer
 from scoring.results import ItemScore
@@ -31,7 +32,7 @@ log = logging.getLogger("hydra_rm.engine")
 __all__ = ["EncodedItem", "Item", "ItemError", "ItemScore", "ScoringEngine"]
 
 
-class ScoringEngine:
+class ScoringEngine(PlannedEngine):
     """Scores items with one shared encoder and K heads; thread-compatible (one forward at a time)."""
 
     def __init__(
@@ -92,14 +93,6 @@ class ScoringEngine:
     def version(self) -> str:
         return self.rm.version
 
-    @property
-    def num_heads(self) -> int:
-        return self.manifest.num_heads
-
-    @property
-    def head_names(self) -> list[str]:
-        return list(self.manifest.head_names)
-
     def _self_check(self) -> None:
         """Refuse an architecture whose head we would reproduce wrongly (e.g. DistilBERT's
         pre_classifier, ELECTRA's GELU head): one probe through our path vs. the model's own forward."""
@@ -121,11 +114,6 @@ class ScoringEngine:
                 f"{type(self.model).__name__} is not supported: hydra-rm's pooling + heads do not reproduce "
                 f"the model's own logits (max difference {(ours - ref).abs().max().item():.3g})"
             )
-
-    # -- tokenization ----------------------------------------------------------------------------
-    def encode(self, item: Item) -> EncodedItem:
-        """Tokenize and truncate per the model's policy (model_store/tokenization.py)."""
-        return self.items.encode(item)
 
     # -- scoring ---------------------------------------------------------------------------------
     def forward(self, batch: Sequence[EncodedItem]) -> list[ItemScore]:
@@ -166,17 +154,6 @@ class ScoringEngine:
             for j, i in enumerate(idxs):
                 out[i] = rows[j]
         return torch.stack(out) if out else torch.empty(0, self.heads.weight.shape[1])  # type: ignore[arg-type]
-
-    def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
-        """Batches planned by `self.policy`; results in input order."""
-        return score_planned(self.forward, self.policy, encoded)
-
-    def score(self, items: Iterable[Item]) -> list[ItemScore]:
-        return self.score_encoded([self.encode(it) for it in items])
-
-    def warmup(self) -> None:
-        """One real forward so the first request does not pay for lazy initialisation."""
-        self.score([Item(text="warm up the reward model")])
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -29,7 +29,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,9 @@ import torch
 from kernels import multihead_reward
 from model_store.errors import ModelStoreError
 from model_store.manifest import RewardManifest, resolve_manifest
-from model_store.tokenization import EncodedItem, Item, ItemTokenizer
-from scoring.batching import BatchPolicy, score_planned
+from model_store.tokenization import EncodedItem, ItemTokenizer
+from scoring.base import PlannedEngine
+from scoring.batching import BatchPolicy
 from scoring.heads import fold_normalization, item_scores
 from scoring.results import ItemScore
 
@@ -252,7 +253,7 @@ def _is_decoder(model_dir: Path, manifest: RewardManifest, trust_remote_code: bo
     return arch
 
 
-class VllmEngine:
+class VllmEngine(PlannedEngine):
     """The engine interface over a managed vLLM server (thread-safe: forwards may overlap)."""
 
     # The batcher's queued-ahead batch is sent while the running one computes (service/runtime.py), so
@@ -316,14 +317,6 @@ class VllmEngine:
 
     # -- model facts -----------------------------------------------------------------------------
     @property
-    def num_heads(self) -> int:
-        return self.manifest.num_heads
-
-    @property
-    def head_names(self) -> list[str]:
-        return list(self.manifest.head_names)
-
-    @property
     def alive(self) -> bool:
         """The vLLM child still runs (/readyz reports `broken` otherwise)."""
         return self.child.alive
@@ -345,10 +338,6 @@ class VllmEngine:
             "dtype": self.options.dtype,
             "disagreement": self.manifest.disagreement.model_dump() if self.manifest.disagreement else None,
         }
-
-    # -- tokenization ----------------------------------------------------------------------------
-    def encode(self, item: Item) -> EncodedItem:
-        return self.items.encode(item)
 
     # -- scoring ---------------------------------------------------------------------------------
     def logits(self, batch: Sequence[EncodedItem]) -> torch.Tensor:
@@ -372,16 +361,6 @@ class VllmEngine:
         if not batch:
             return []
         return item_scores(multihead_reward(self.logits(batch), None, self.weight, self.bias), batch)
-
-    def score_encoded(self, encoded: Sequence[EncodedItem]) -> list[ItemScore]:
-        return score_planned(self.forward, self.policy, encoded)
-
-    def score(self, items: Iterable[Item]) -> list[ItemScore]:
-        return self.score_encoded([self.encode(it) for it in items])
-
-    def warmup(self) -> None:
-        """One real request; also checks that vLLM's classifier has the manifest's K outputs."""
-        self.score([Item(text="warm up the reward model")])
 
     def describe(self) -> dict[str, Any]:
         return {

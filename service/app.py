@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -41,6 +41,30 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
     metrics = Metrics()
     arrivals = Arrivals()
     metrics.track_arrivals(lambda: arrivals.count)
+    docs = settings.resolved_docs()
+    shown = docs != "off"
+    app = FastAPI(
+        title="hydra-rm",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=_lifespan(settings, engine, metrics, arrivals),
+        openapi_url="/openapi.json" if shown else None,  # None also removes /docs and /redoc
+        docs_url="/docs" if shown else None,
+        redoc_url="/redoc" if shown else None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    _add_routes(app, settings)
+    _add_middleware(app, settings, metrics, arrivals, docs)
+    app.openapi = _served_openapi(app, settings)  # type: ignore[method-assign]
+    return app
+
+
+def _lifespan(
+    settings: Settings, engine: Any | None, metrics: Metrics, arrivals: Arrivals
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start a ScoringService per engine (built here unless given) and stop them all at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,26 +97,22 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
                 if close is not None:
                     await asyncio.to_thread(close)
 
-    docs = settings.resolved_docs()
-    shown = docs != "off"
-    app = FastAPI(
-        title="hydra-rm",
-        version=_version(),
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        openapi_url="/openapi.json" if shown else None,  # None also removes /docs and /redoc
-        docs_url="/docs" if shown else None,
-        redoc_url="/redoc" if shown else None,
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    install_error_handlers(app)
+    return lifespan
+
+
+def _add_routes(app: FastAPI, settings: Settings) -> None:
     auth = [Depends(api_key_dependency(settings.api_keys))] if settings.api_keys else []
     app.include_router(health.router)
     app.include_router(score.router, dependencies=auth)
     app.include_router(models.router, dependencies=auth)
     if settings.playground != "off":
         app.include_router(playground.router)
+
+
+def _add_middleware(
+    app: FastAPI, settings: Settings, metrics: Metrics, arrivals: Arrivals, docs: str
+) -> None:
+    """Innermost first: the body limit, the API key, arrivals, then the request metrics outermost."""
     app.add_middleware(
         BodyLimitMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -108,6 +128,9 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
         app.add_middleware(ApiKeyMiddleware, keys=settings.api_keys, protected=protected)
     app.add_middleware(ArrivalMiddleware, arrivals=arrivals)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # outermost: sees every status
+
+
+def _served_openapi(app: FastAPI, settings: Settings) -> Callable[[], dict[str, Any]]:
     generic_openapi = app.openapi
 
     def served_openapi() -> dict[str, Any]:
@@ -129,8 +152,7 @@ def create_app(settings: Settings | None = None, *, engine: Any | None = None) -
                 param["schema"]["enum"] = list(services)
         return schema
 
-    app.openapi = served_openapi  # type: ignore[method-assign]
-    return app
+    return served_openapi
 
 
 async def _build_engines(settings: Settings, torch_thread: ThreadPoolExecutor) -> list[Any]:

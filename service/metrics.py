@@ -56,6 +56,21 @@ class Metrics:
     def __init__(self, head_names: Sequence[str] = ()) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Registered in this order (the exposition's order): HTTP, queue and batches, per item, model.
+        self._register_http(r)
+        self._register_batches(r)
+        # hydra_rm_items_above_reference_p95: registered by set_reference_p95 once the model is known.
+        self.above_reference_p95: Counter | None = None
+        self._reference_p95: float | None = None
+        # hydra_rm_novelty*: registered by set_novelty for models with a novelty statistic.
+        self.novelty: Histogram | None = None
+        self.novelty_percentile: Histogram | None = None
+        self.above_novelty_p95: Counter | None = None
+        self._novelty_quantiles: DisagreementQuantiles | None = None
+        self._register_items(r)
+        self._register_model(r, head_names)
+
+    def _register_http(self, r: CollectorRegistry) -> None:
         self.requests = Counter(
             "hydra_rm_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=r
         )
@@ -79,6 +94,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+
+    def _register_batches(self, r: CollectorRegistry) -> None:
         self.queue_items = Gauge("hydra_rm_queue_items", "Items accepted and not yet scored.", registry=r)
         self.queue_tokens = Gauge("hydra_rm_queue_tokens", "Tokens accepted and not yet scored.", registry=r)
         self.batch_size = Histogram(
@@ -110,14 +127,9 @@ class Metrics:
             "hydra_rm_tokens_per_second", "Real tokens per second of inference, last batch.", registry=r
         )
         self.items = Counter("hydra_rm_items_scored", "Items scored.", registry=r)
-        # hydra_rm_items_above_reference_p95: registered by set_reference_p95 once the model is known.
-        self.above_reference_p95: Counter | None = None
-        self._reference_p95: float | None = None
-        # hydra_rm_novelty*: registered by set_novelty for models with a novelty statistic.
-        self.novelty: Histogram | None = None
-        self.novelty_percentile: Histogram | None = None
-        self.above_novelty_p95: Counter | None = None
-        self._novelty_quantiles: DisagreementQuantiles | None = None
+
+    def _register_items(self, r: CollectorRegistry) -> None:
+        """Per item: truncation, prefix sharing, failures, and the heads' rewards and disagreement."""
         self.truncated = Counter("hydra_rm_truncated_items", "Items cut to max_length.", registry=r)
         self.prefix_tokens_saved = Counter(
             "hydra_rm_prefix_tokens_saved",
@@ -153,6 +165,8 @@ class Metrics:
             buckets=_REWARD_BUCKETS,
             registry=r,
         )
+
+    def _register_model(self, r: CollectorRegistry, head_names: Sequence[str]) -> None:
         self.ready = Gauge("hydra_rm_ready", "1 when the model is loaded and warmed up.", registry=r)
         self.model_info = Gauge(
             "hydra_rm_model_info", "The model served (value 1).", ["name", "version", "num_heads"], registry=r

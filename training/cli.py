@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from training.diversity import DIVERSITY
+
+if TYPE_CHECKING:
+    from model_store import ModelStore
+    from training.data import Pair
+    from training.trainer import TrainConfig
 
 
 def _store(store: Path | None):  # noqa: ANN202 - model_store.ModelStore
@@ -79,27 +84,11 @@ def train(
     store: Annotated[Path | None, typer.Option(help="Model store root.")] = None,
 ) -> None:
     """Train K Bradley-Terry reward heads on a shared encoder; publish a model the service serves as is."""
-    from model_store.errors import ModelStoreError
     from model_store.manifest import sha256_file
-    from training.data import DataError, check_signal, load_pairs
-    from training.trainer import TrainConfig, Trainer, publish, save_model
+    from training.trainer import TrainConfig
 
-    if name is None and output is None:
-        raise _fail("give --name (publish to the store) and/or --output (a directory)")
-    if diversity not in DIVERSITY:
-        raise _fail(f"--diversity must be one of {', '.join(DIVERSITY)}")
-    if mode not in ("finetune", "frozen", "lora"):
-        raise _fail("--mode must be finetune, frozen or lora")
-    if ensemble not in ("none", "full"):
-        raise _fail("--ensemble must be none or full")
-    try:
-        pairs = load_pairs(data)
-        warning = check_signal(pairs, data)
-        reference = load_pairs(reference_data) if reference_data else None
-    except (DataError, OSError) as e:
-        raise _fail(str(e)) from e
-    if warning:
-        typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
+    _check_train_choices(name, output, diversity, mode, ensemble)
+    pairs, reference = _read_pairs(data, reference_data)
     names = [s.strip() for s in head_names.split(",")] if head_names else None
     cfg = TrainConfig(
         heads=heads, head_names=names, epochs=epochs, seed=seed, lr_encoder=lr, lr_heads=head_lr,
@@ -116,24 +105,68 @@ def train(
     sha = sha256_file(data)
     for suffix, run_cfg in runs:
         ck = checkpoint_dir / (suffix.lstrip("-") or "model") if checkpoint_dir else None
-        try:
-            trainer = Trainer(
-                run_cfg, pairs, base, model_store, reference=reference, checkpoint_dir=ck, data_sha256=sha
-            )
-            result = trainer.run(resume=resume)
-        except (ModelStoreError, ValueError) as e:
-            raise _fail(str(e)) from e
-        if not result.is_main_process:
-            continue
-        if not result.finished:
-            typer.echo(f"stopped at step {len(result.history)} (--max-steps); resume with --resume")
+        if not _train_one(
+            run_cfg, pairs, base, model_store, reference, ck, sha, resume, suffix, name, output, version
+        ):
             return
-        typer.echo(json.dumps({"model": (name or "") + suffix, **result.metrics}, indent=2))
-        if output is not None:
-            save_model(result, output / suffix.lstrip("-") if suffix else output)
-        if name is not None:
-            ref = publish(result, model_store, name + suffix, version)
-            typer.echo(f"published {ref} at {ref.path}")
+
+
+def _check_train_choices(
+    name: str | None, output: Path | None, diversity: str, mode: str, ensemble: str
+) -> None:
+    if name is None and output is None:
+        raise _fail("give --name (publish to the store) and/or --output (a directory)")
+    if diversity not in DIVERSITY:
+        raise _fail(f"--diversity must be one of {', '.join(DIVERSITY)}")
+    if mode not in ("finetune", "frozen", "lora"):
+        raise _fail("--mode must be finetune, frozen or lora")
+    if ensemble not in ("none", "full"):
+        raise _fail("--ensemble must be none or full")
+
+
+def _read_pairs(data: Path, reference_data: Path | None) -> tuple[list[Pair], list[Pair] | None]:
+    """The training pairs (with a warning when they carry no signal) and the optional reference set."""
+    from training.data import DataError, check_signal, load_pairs
+
+    try:
+        pairs = load_pairs(data)
+        warning = check_signal(pairs, data)
+        reference = load_pairs(reference_data) if reference_data else None
+    except (DataError, OSError) as e:
+        raise _fail(str(e)) from e
+    if warning:
+        typer.secho(f"WARNING: {warning}", fg=typer.colors.YELLOW, err=True)
+    return pairs, reference
+
+
+def _train_one(
+    cfg: TrainConfig, pairs: list[Pair], base: str, model_store: ModelStore, reference: list[Pair] | None,
+    ck: Path | None, sha: str, resume: bool, suffix: str, name: str | None, output: Path | None,
+    version: str | None,
+) -> bool:  # fmt: skip
+    """Train one model (of the ensemble), then save and/or publish it; False when --max-steps stopped it."""
+    from model_store.errors import ModelStoreError
+    from training.trainer import Trainer, publish, save_model
+
+    try:
+        trainer = Trainer(
+            cfg, pairs, base, model_store, reference=reference, checkpoint_dir=ck, data_sha256=sha
+        )
+        result = trainer.run(resume=resume)
+    except (ModelStoreError, ValueError) as e:
+        raise _fail(str(e)) from e
+    if not result.is_main_process:
+        return True
+    if not result.finished:
+        typer.echo(f"stopped at step {len(result.history)} (--max-steps); resume with --resume")
+        return False
+    typer.echo(json.dumps({"model": (name or "") + suffix, **result.metrics}, indent=2))
+    if output is not None:
+        save_model(result, output / suffix.lstrip("-") if suffix else output)
+    if name is not None:
+        ref = publish(result, model_store, name + suffix, version)
+        typer.echo(f"published {ref} at {ref.path}")
+    return True
 
 
 def eval_(

@@ -135,6 +135,37 @@ def _latest_checkpoint(ckdir: Path) -> Path | None:
     return max(cks, key=lambda p: int(p.name.split("-")[1])) if cks else None
 
 
+@dataclass
+class _Progress:
+    """The loop's running state across epochs (a partial accumulation carries over an epoch's end):
+    optimizer steps, their history, the running means since the last step, the progress bar."""
+
+    step: int
+    history: list[dict[str, float]]
+    bar: Any = None
+    loss: float = 0.0
+    accuracy: float = 0.0
+    n: int = 0
+
+    def add(self, loss: float, accuracy: float) -> None:
+        self.loss += loss
+        self.accuracy += accuracy
+        self.n += 1
+
+    def stepped(self) -> None:
+        """An optimizer step happened: record the means since the last one and start again."""
+        self.step += 1
+        self.history.append(
+            {"step": self.step, "loss": self.loss / self.n, "accuracy": self.accuracy / self.n}
+        )
+        self.loss, self.accuracy, self.n = 0.0, 0.0, 0
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                loss=f"{self.history[-1]['loss']:.4f}", acc=f"{self.history[-1]['accuracy']:.3f}"
+            )
+
+
 class Trainer:
     """One training run; `run()` trains (resuming if asked) and returns the finished model + manifest."""
 
@@ -192,84 +223,93 @@ class Trainer:
             mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu
         )
         set_seed(cfg.seed)
+        fwd, opt = self._prepare(acc)
+        n = len(self.train_pairs)
+        steps_per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
+        total_steps = steps_per_epoch * cfg.epochs
+        state = self._start_state(acc, resume)
+        progress = _Progress(step=state["step"], history=state["history"])
+        t0 = time.perf_counter()
+        if cfg.progress and acc.is_local_main_process:
+            from tqdm.auto import tqdm
+
+            progress.bar = tqdm(
+                total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True
+            )
+        stopped = False
+        for epoch in range(state["epoch"], cfg.epochs):
+            skip = state["batches_done"] if epoch == state["epoch"] else 0
+            stopped = self._epoch(acc, fwd, opt, epoch, skip, progress)
+            if stopped:
+                break
+            self._save(
+                acc,
+                {"epoch": epoch + 1, "batches_done": 0, "step": progress.step, "history": progress.history},
+            )
+        if progress.bar is not None:
+            progress.bar.close()
+        train_seconds = time.perf_counter() - t0
+        acc.wait_for_everyone()
+        fwd_plain: RewardForward = acc.unwrap_model(fwd)
+        result = self._finish(fwd_plain, progress.history, train_seconds, finished=not stopped)
+        result.is_main_process = acc.is_main_process
+        return result
+
+    def _prepare(self, acc: Any) -> tuple[Any, Any]:
+        """The forward (heads masked to feature blocks if asked) and its AdamW, prepared by accelerate."""
+        cfg = self.cfg
         fwd = RewardForward(self.loaded.model)
         if cfg.feature_blocks and cfg.heads > 1:
             _mask_heads(self.loaded.model, cfg.seed)
         groups = param_groups(self.loaded.model, cfg.lr_encoder, cfg.lr_heads)
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        fwd, opt = acc.prepare(fwd, opt)
-        n = len(self.train_pairs)
-        steps_per_epoch = math.ceil(math.ceil(n / cfg.batch_size) / cfg.grad_accum)
-        total_steps = steps_per_epoch * cfg.epochs
-        state = {"epoch": 0, "batches_done": 0, "step": 0, "history": []}
+        return acc.prepare(fwd, opt)
+
+    def _start_state(self, acc: Any, resume: bool) -> dict[str, Any]:
+        """Where the loop starts: the newest checkpoint's state when resuming, else the beginning."""
         if resume and self.checkpoint_dir is not None and (ck := _latest_checkpoint(self.checkpoint_dir)):
             acc.load_state(str(ck))
-            state = json.loads((ck / "trainer_state.json").read_text())
-        history: list[dict[str, float]] = state["history"]
-        step = state["step"]
-        t0 = time.perf_counter()
-        bar = None
-        if cfg.progress and acc.is_local_main_process:
-            from tqdm.auto import tqdm
+            return json.loads((ck / "trainer_state.json").read_text())
+        return {"epoch": 0, "batches_done": 0, "step": 0, "history": []}
 
-            bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        stopped = False
-        run_loss, run_acc, run_n = 0.0, 0.0, 0
-        for epoch in range(state["epoch"], cfg.epochs):
-            order = torch.randperm(
-                n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            ).tolist()
-            batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-            skip = state["batches_done"] if epoch == state["epoch"] else 0
-            # Each dataset element is a whole batch of pair indices (so accelerate shards whole batches
-            # across processes); resuming drops those already consumed by every process.
-            dl = acc.prepare_data_loader(
-                torch.utils.data.DataLoader(
-                    batches[skip * acc.num_processes :],
-                    batch_size=1,
-                    collate_fn=lambda xs: self._collate(xs[0]),
-                )
+    def _epoch_loader(self, acc: Any, epoch: int, skip: int) -> Any:
+        """This epoch's shuffled batches (a function of seed and epoch), less the `skip` already done."""
+        cfg, n = self.cfg, len(self.train_pairs)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        # Each dataset element is a whole batch of pair indices (so accelerate shards whole batches
+        # across processes); resuming drops those already consumed by every process.
+        return acc.prepare_data_loader(
+            torch.utils.data.DataLoader(
+                batches[skip * acc.num_processes :],
+                batch_size=1,
+                collate_fn=lambda xs: self._collate(xs[0]),
             )
-            fwd.train()
-            for b, batch in enumerate(dl, start=skip):
-                # Dropout draws depend on (seed, epoch, batch) alone: a resumed run repeats them exactly.
-                torch.manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + b)
-                with acc.accumulate(fwd):
-                    loss, pair_acc = self._step(fwd, batch)
-                    acc.backward(loss)
-                    opt.step()
-                    opt.zero_grad()
-                run_loss += loss.item()
-                run_acc += pair_acc
-                run_n += 1
-                if acc.sync_gradients:
-                    step += 1
-                    history.append({"step": step, "loss": run_loss / run_n, "accuracy": run_acc / run_n})
-                    run_loss, run_acc, run_n = 0.0, 0.0, 0
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(
-                            loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.3f}"
-                        )
-                    at_max = cfg.max_steps is not None and step >= cfg.max_steps
-                    if at_max or (cfg.save_steps and step % cfg.save_steps == 0):
-                        self._save(
-                            acc, {"epoch": epoch, "batches_done": b + 1, "step": step, "history": history}
-                        )
-                    if at_max:
-                        stopped = True
-                        break
-            if stopped:
-                break
-            self._save(acc, {"epoch": epoch + 1, "batches_done": 0, "step": step, "history": history})
-        if bar is not None:
-            bar.close()
-        train_seconds = time.perf_counter() - t0
-        acc.wait_for_everyone()
-        fwd_plain: RewardForward = acc.unwrap_model(fwd)
-        result = self._finish(fwd_plain, history, train_seconds, finished=not stopped)
-        result.is_main_process = acc.is_main_process
-        return result
+        )
+
+    def _epoch(self, acc: Any, fwd: Any, opt: Any, epoch: int, skip: int, progress: _Progress) -> bool:
+        """One epoch from batch `skip`, checkpointing every save_steps; True when max_steps stopped it."""
+        cfg = self.cfg
+        dl = self._epoch_loader(acc, epoch, skip)
+        fwd.train()
+        for b, batch in enumerate(dl, start=skip):
+            # Dropout draws depend on (seed, epoch, batch) alone: a resumed run repeats them exactly.
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + b)
+            with acc.accumulate(fwd):
+                loss, pair_acc = self._step(fwd, batch)
+                acc.backward(loss)
+                opt.step()
+                opt.zero_grad()
+            progress.add(loss.item(), pair_acc)
+            if acc.sync_gradients:
+                progress.stepped()
+                at_max = cfg.max_steps is not None and progress.step >= cfg.max_steps
+                if at_max or (cfg.save_steps and progress.step % cfg.save_steps == 0):
+                    state = {"epoch": epoch, "batches_done": b + 1, "step": progress.step}
+                    self._save(acc, {**state, "history": progress.history})
+                if at_max:
+                    return True
+        return False
 
     def _collate(self, idxs: list[int]) -> dict[str, torch.Tensor]:
         rows = [self.train_enc[i][0] for i in idxs] + [self.train_enc[i][1] for i in idxs]

@@ -33,3 +33,17 @@ def test_torch_engine_is_an_engine_and_keeps_its_contract(tiny_engine: ScoringEn
         assert len(s.rewards) == tiny_engine.num_heads
         assert max(abs(a - b) for a, b in zip(s.rewards, r.rewards, strict=True)) < 1e-5
         assert s.tokens == r.tokens
+
+
+def test_both_engines_score_through_the_one_base() -> None:
+    """encode / score / warmup / head facts are written once (scoring/base.py): each engine brings only
+    its forward, so the torch and vLLM engines cannot drift apart in how they plan and order."""
+    from scoring.base import PlannedEngine
+    from scoring.vllm_engine import VllmEngine  # imports without vLLM (it runs in its own venv)
+
+    shared = ("encode", "score_encoded", "score", "warmup", "num_heads", "head_names")
+    for engine in (ScoringEngine, VllmEngine):
+        assert issubclass(engine, PlannedEngine)
+        assert "forward" in vars(engine), engine
+        for name in shared:
+            assert getattr(engine, name) is getattr(PlannedEngine, name), (engine, name)
