@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
-.PHONY: install serve test lint format lock prometheus browser bench-engine bench-service bench-ceiling bench-kernel bench-gpu vllm-env clean
+.PHONY: install serve test test-slow lint format lock prometheus browser bench-engine bench-service bench-ceiling bench-kernel bench-gpu vllm-env clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +30,13 @@ test: $(STAMP) prometheus browser
 	$(BIN)/lint-imports
 	# Two workers (the machine's cores); tests that share a Ray cluster or time servers run grouped
 	# on one worker (tests/conftest.py). `make test TEST_WORKERS=0` runs the suite in one process.
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	# The slow tier (whole programs, servers, Ray; tests/conftest.py SLOW) is `make test-slow`.
+	$(PYTEST) -m "not slow"
+
+# The tests `make test` skips (CI runs both: .ci/run); tests/test_tiers.py checks the two tiers together
+# are the whole suite.
+test-slow: $(STAMP) prometheus browser
+	$(PYTEST) -m slow
 
 # The observability tests run every Grafana panel query against a real Prometheus (Debian package).
 prometheus:

@@ -64,13 +64,66 @@ _GROUPS = {
     "tests/bench/": "processes",
 }
 
+# The slow tier: `make test` skips these (-m "not slow") to fit in two minutes here, `make test-slow`
+# runs exactly these, and `.ci/run` runs both (tests/test_tiers.py checks the two tiers partition the
+# suite). Each runs a whole program or cluster for 5-30 s: the bench scripts end to end, a real
+# `hydra-rm serve` killed, drained or started from nothing, schemathesis's generated requests, MiniLM
+# training. Every test that uses the Ray cluster is slow too (SLOW_FIXTURES): the cluster takes 5-20 s.
+SLOW = (
+    "tests/test_tiers.py",
+    "tests/bench/test_peer_vllm.py",
+    "tests/bench/test_ceiling_bench.py",
+    "tests/bench/test_gpu_e2e.py::test_gpu_e2e_small_runs_and_writes_its_table",
+    "tests/client/test_failover.py::test_server_killed_and_restarted_mid_run_loses_and_duplicates_nothing",
+    "tests/service/test_server.py::test_sigterm_drains_in_flight_requests_then_exits_cleanly",
+    "tests/service/test_server.py::test_serve_with_no_model_serves_the_embedded_default",
+    "tests/service/test_schema.py",
+    "tests/training/test_toptrain.py::test_feature_block_heads_on_minilm_correlate_below_joint",
+)
+SLOW_FIXTURES = {"ray_cluster"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: the slow tier (`make test-slow`; `make test` skips it)")
+    config.pluginmanager.register(_GroupIds(), "hydra-xdist-group-ids")
+
+
+class _GroupIds:
+    """pytest-xdist 3.8 groups a test by appending `@group` to `item._nodeid`, which pytest 9 no longer
+    reads (it keeps the id in `item._id`): `--dist loadgroup` then spread every group over both workers
+    (two Ray clusters, two Prometheus runs). On an xdist worker this puts the suffix where pytest reads
+    it, after xdist's own hook, and only where it is missing, so a fixed xdist makes it a no-op."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if not getattr(config.option, "loadgroup", False):
+            return
+        for item in items:
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                            for m in item.iter_markers("xdist_group")})  # fmt: skip
+            suffix = "@" + "_".join(names)
+            if names and not item.nodeid.endswith(suffix):
+                item._id = type(item._id).parse(item.nodeid + suffix)  # type: ignore[attr-defined]
+
+
+def _module_scoped(item: pytest.Item) -> bool:
+    """Whether the test uses a fixture built once per module (a server, a trained model, Prometheus)."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(fdefs and fdefs[-1].scope in ("module", "class") for fdefs in defs.values())
+
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root = Path(__file__).resolve().parents[1]
     for item in items:
         rel = Path(item.fspath).resolve().relative_to(root).as_posix()
-        for prefix, group in _GROUPS.items():
-            if rel.startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
+        nodeid = rel + item.nodeid[len(item.nodeid.split("::")[0]) :]
+        if nodeid.startswith(SLOW) or SLOW_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+        group = next((g for prefix, g in _GROUPS.items() if rel.startswith(prefix)), None)
+        # A module fixture would be built once on each worker if the module's tests were spread over
+        # both (Prometheus's scrapes 11 s, a trained model 6 s): such tests stay on one worker.
+        if group is None and _module_scoped(item):
+            group = rel.removeprefix("tests/").removesuffix(".py")
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
