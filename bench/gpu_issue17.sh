@@ -24,7 +24,10 @@ stamp() { echo "== $(date -u +%H:%M:%S) (+$(( $(date +%s) - t0 ))s) $*"; }
 
 stamp "install carried wheels into $SITE"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl || echo "pip install failed"
+    if ! "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl; then
+        echo "pip install of all wheels failed; one at a time (a wheel for another Python is skipped)"
+        for w in .whl/*.whl; do "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "$w" || true; done
+    fi
 fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${HYDRA_RM_MINILM_DIR:-}" ] && [ -f .minilm/model.safetensors ]; then
@@ -66,7 +69,7 @@ echo "stage 1 exit $?"
 
 stamp "stage 2: best-of-n with a labeller bias, timeout ${T_BON}s"
 timeout -k 10 "$T_BON" "$PY" -m training experiment overopt-pretrained "${BON_ARGS[@]}" \
-    --device auto --frozen-layers 0 --bias 0.5 --gaming-share 0.01 --noise 0.1 \
+    --device auto --frozen-layers 0 --bias 1.0 --gaming-share 0.02 --noise 0.1 \
     --methods joint,shard-blocks,branches,ensemble --prefix overopt-pretrained --out "$OUT"
 echo "stage 2 exit $?"
 

@@ -69,13 +69,15 @@ class PSetup:
     reference_fraction: float = 0.1
     exploit_share: float = 0.02
     # Labeller bias (0 = none, the earlier runs): the training labeller prefers each appended TAG by
-    # `bias` gold units; gold ignores it. tag_probs: P(1 tag), P(2 tags) for generated responses (train,
-    # held-out and pool alike); gaming_share: pool items with gaming_tags (lo, hi) tags, the heavy tail a
-    # policy finds.
+    # `bias` gold units; gold ignores it. tag_probs: P(1 tag), P(2 tags) for training and held-out
+    # responses; pool_tag_probs: the same for the pool's ordinary reviews (default: untagged);
+    # gaming_share: pool items that carry gaming_tags (lo, hi) tags whatever their content, i.e. a
+    # policy that learned to append the tag the labeller liked.
     bias: float = 0.0
     tag_probs: tuple[float, float] = (0.15, 0.10)
+    pool_tag_probs: tuple[float, float] = (0.0, 0.0)
     gaming_share: float = 0.0
-    gaming_tags: tuple[int, int] = (3, 6)
+    gaming_tags: tuple[int, int] = (2, 4)
     device: str = "cpu"
 
 
@@ -159,6 +161,15 @@ def exploit(subject: str, rng: random.Random) -> str:
     return f"{subject.capitalize()} was not {a}, was not {b}, was not {c}{'!' * rng.randint(1, 3)}"
 
 
+def gaming_item(gen: Generator, prompt_index: int) -> str:
+    """The content of a gaming item: a generated review that gold scores <= 0 (rejection-sampled): a
+    policy piling up the liked tag while its answers get no better."""
+    while True:
+        t = gen.response(prompt_index)
+        if gold([t])[0] <= 0.0:
+            return t
+
+
 def make_pool(
     size: int,
     seed: int,
@@ -174,7 +185,8 @@ def make_pool(
     the texts and a [P, N] 0/1 mask of the exploits and gaming items."""
     gen = Generator(seed)
     rng = random.Random(seed + 1)
-    trng = random.Random(seed + 2)  # a separate stream: without tags the pool is the earlier runs' pool
+    trng = random.Random(seed + 2)  # separate streams: without tags the pool is the earlier runs' pool
+    ggen = Generator(seed + 3)
     subjects = [s for subs in DOMAINS.values() for s in subs]
     texts, mask = [], []
     for i in prompt_idx:
@@ -185,7 +197,7 @@ def make_pool(
                 if f:
                     continue
                 if trng.random() < gaming_share:
-                    items[j] += TAG * trng.randint(*gaming_tags)
+                    items[j] = gaming_item(ggen, i) + TAG * trng.randint(*gaming_tags)
                     flags[j] = True
                 else:
                     items[j] += TAG * n_tags(trng, tag_probs)
@@ -406,7 +418,7 @@ def run_experiment(setup: PSetup, log: Any = print, on_seed: Any = None) -> dict
         trunk = load_trunk(setup.frozen_layers, ModelStore(Path(tmp) / "store"), setup.device)
     ev_idx = eval_prompt_idx(setup.n_prompts)
     va_idx = val_prompt_idx(setup.val_prompts, ev_idx)
-    tags = (setup.tag_probs, setup.gaming_share, setup.gaming_tags) if setup.bias else (None,)
+    tags = (setup.pool_tag_probs, setup.gaming_share, setup.gaming_tags) if setup.bias else (None,)
     ev_pool, exploit_pool = make_pool(setup.pool_size, POOL_SEED, ev_idx, setup.exploit_share, *tags)
     va_pool, _ = make_pool(
         setup.val_pool_size or setup.pool_size, VAL_POOL_SEED, va_idx, setup.exploit_share, *tags

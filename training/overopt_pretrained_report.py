@@ -53,12 +53,13 @@ Device run: {device_name}, fp32 throughout (no TF32); MiniLM weights from `{mini
 embeddings {trunk}; the "{frozen}" / "{top}" layer counts above read as frozen / trained.
 """
 BIAS_NOTE = """
-Labeller bias (this run): a response may end with the tag "Verified purchase." (1 tag with p
-{p1:g}, 2 with p {p2:g}, in training, held-out and pool texts alike); VADER ignores it (gold unchanged, tested), but the
-training labeller adds {bias:g} per tag to gold before comparing (then flips {noise:.0%}). A
-proxy that learns it rewards tags. The pool also holds {gaming:.1%} "gaming" items (a review + {g0}-{g1}
-tags: the heavy tail a policy finds), counted with the negated-praise exploits in P(pick is an exploit);
-held-out accuracy is against gold (no bias). This is how over-optimisation is made visible here.
+Labeller bias (this run): a training or held-out response may end with the tag "Verified purchase."
+(1 tag with p {p1:g}, 2 with p {p2:g}); VADER ignores it (gold unchanged, tested), but the training
+labeller adds {bias:g} per tag to gold before comparing (then flips {noise:.0%}), so a proxy that
+learns it rewards tags. The pool's ordinary reviews carry tags with p {q1:g} / {q2:g}; {gaming:.1%} of
+pool items are "gaming" items: a generated review that gold scores <= 0 + {g0}-{g1} tags, what a policy
+that learned to pile up the liked tag while its answers got no better emits. They count with the negated-praise exploits in P(pick is an
+exploit); held-out accuracy is against gold (no bias). This is how over-optimisation is made visible.
 """
 BRANCH_NOTE = """
 `branches` / `branches-1` / `branches-shard`: Hydra-style, each head owns a copy of the last 2 / 1 / 2
@@ -78,6 +79,7 @@ def preamble(results: dict[str, Any]) -> str:
     if st.get("bias"):
         extra += BIAS_NOTE.format(
             p1=st["tag_probs"][0], p2=st["tag_probs"][1], bias=st["bias"], noise=st["noise"],
+            q1=st["pool_tag_probs"][0], q2=st["pool_tag_probs"][1],
             gaming=st["gaming_share"], g0=st["gaming_tags"][0], g1=st["gaming_tags"][1],
         )  # fmt: skip
     if results.get("device", "cpu") != "cpu" or results.get("minilm_dir"):
@@ -174,9 +176,9 @@ def tables(results: dict[str, Any]) -> str:
     lines += ["", "## Accuracy, correlation, cost and the hyperparameters chosen on validation", ""]
     lines.append(
         "| method | held-out accuracy (mean agg.) | (min agg.) | worst head | head corr | misranked pairs "
-        "| train s | lcb beta (median) | u ridge (median) | UWO lambda (median) |"
+        "| train s | x ensemble's (paired) | lcb beta (median) | u ridge (median) | UWO lambda (median) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in _methods(results):
         rs = [results["per_seed"][s][m] for s in seeds]
 
@@ -189,7 +191,8 @@ def tables(results: dict[str, Any]) -> str:
         lines.append(
             f"| {m} | {fmt([r['accuracy']['mean'] for r in rs])} | {fmt(acc_min) if acc_min else '-'} "
             f"| {fmt([min(r['accuracy_per_head']) for r in rs])} | {fmt(corr, 4) if corr else '-'} "
-            f"| {mean_se([r['errors'] for r in rs])[0]:.0f} | {mean_se([r['train_seconds'] for r in rs])[0]:.0f} "
+            f"| {mean_se([r['errors'] for r in rs])[0]:.0f} | {mean_se([r['train_seconds'] for r in rs])[0]:.1f} "
+            f"| {_cost_ratio(results, m, seeds)} "
             f"| {med([r['beta'] for r in rs])} | {med([r['ridge'] for r in rs])} | {med([r['uwo_lambda'] for r in rs])} |"
         )
     if all(
@@ -204,8 +207,11 @@ def tables(results: dict[str, Any]) -> str:
         lines.append("|---|---|---|---|---|---|---|---|")
         for m in _methods(results):
             rs = [results["per_seed"][s][m] for s in seeds]
-            by = [fmt([r["pool_reward_by_tags"][t] for r in rs if r["pool_reward_by_tags"][t] is not None], 2)
-                  for t in "0123"]  # fmt: skip
+            vals = [
+                [r["pool_reward_by_tags"][t] for r in rs if r["pool_reward_by_tags"][t] is not None]
+                for t in "0123"
+            ]
+            by = [fmt(v, 2) if v else "-" for v in vals]
             tp = [r["tags_picked"]["mean"] for r in rs]
             lines.append(
                 f"| {m} | " + " | ".join(by)
@@ -222,6 +228,14 @@ def tables(results: dict[str, Any]) -> str:
             + " |"
         )
     return "\n".join(lines)
+
+
+def _cost_ratio(results: dict[str, Any], m: str, seeds: list[str]) -> str:
+    """Training seconds over the ensemble's, per seed (same run, same device), mean +- s.e."""
+    ps = results["per_seed"]
+    if not all("ensemble" in ps[s] for s in seeds):
+        return "-"
+    return fmt([ps[s][m]["train_seconds"] / ps[s]["ensemble"]["train_seconds"] for s in seeds], 2)
 
 
 def heads_markdown(results: dict[str, Any]) -> str:
