@@ -112,8 +112,9 @@ def load_trunk(frozen_layers: int, store: Any, device: str = "cpu") -> Trunk:
 
 
 def set_threads(device: str) -> None:
-    """One torch thread on the shared CPU machine; on a GPU host the CPU side (analysis) may use more."""
-    torch.set_num_threads(1 if resolve_device(device) == "cpu" else min(8, os.cpu_count() or 1))
+    """One torch thread on the shared CPU machine; on a GPU host the CPU side (analysis) may use a few
+    (the device driver runs up to four of these processes side by side on 16 cores)."""
+    torch.set_num_threads(1 if resolve_device(device) == "cpu" else min(4, os.cpu_count() or 1))
 
 
 TAG = " Verified purchase."  # VADER has neither word: gold(text + TAG * k) == gold(text) (tested)
