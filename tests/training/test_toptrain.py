@@ -11,7 +11,16 @@ import torch
 
 from training.diversity import decorrelation_penalty, feature_block_mask
 from training.shift import KINDS, shifted
-from training.toptrain import Recipe, TrainHP, Trunk, score_top, to_hf, train_top
+from training.toptrain import (
+    BranchTop,
+    Recipe,
+    TrainHP,
+    Trunk,
+    branch_to_hf,
+    score_top,
+    to_hf,
+    train_top,
+)
 
 torch.set_num_threads(1)
 
@@ -68,6 +77,39 @@ def test_top_on_cached_states_equals_the_full_model(tiny_trunk: Trunk):
         if recipe.feature_blocks:  # each head kept zeros outside its block through training
             mask = feature_block_mask(3, phi.shape[1], 7)
             assert torch.all(top.classifier.weight[mask == 0] == 0)
+
+
+def test_branch_heads_each_equal_a_full_model_and_differ_from_joint(tiny_bert_dir: Path):
+    """Each branch (own last layer + pooler) is exactly a one-head HF model; its heads are not joint's."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hf = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, dtype=torch.float32)
+    trunk = Trunk(hf, AutoTokenizer.from_pretrained(tiny_bert_dir), frozen_layers=0)
+    assert trunk.device == torch.device("cpu")  # the default device
+    texts = ["good", "the food was great and the room was clean", "bad service", "okay " * 7, "fine"]
+    pairs = [(0, 2), (1, 3), (4, 2)]
+    cache = trunk.cache(texts)
+    hp = TrainHP(epochs=2, batch_size=2)
+    top, _ = train_top(trunk, cache, pairs, Recipe("br", heads=3, branch_layers=1), hp, seed=7)
+    assert isinstance(top, BranchTop) and len(top.branches) == 3
+    raw, phi = score_top(top, cache)
+    assert phi.shape == (5, 3 * hf.config.hidden_size)
+    enc = trunk.tokenizer(texts, padding=True, return_tensors="pt")
+    for j in range(3):
+        ref = branch_to_hf(top, j)
+        with torch.no_grad():
+            out = ref(**enc, output_hidden_states=True)
+        torch.testing.assert_close(raw[:, j : j + 1], out.logits, atol=1e-5, rtol=1e-5)
+        h = phi[:, j * hf.config.hidden_size : (j + 1) * hf.config.hidden_size]
+        torch.testing.assert_close(h, ref.bert.pooler(out.hidden_states[-1]), atol=1e-5, rtol=1e-5)
+    joint, _ = train_top(trunk, cache, pairs, Recipe("j", heads=3), hp, seed=7)
+    raw_joint, _ = score_top(joint, cache)
+    assert not torch.allclose(raw, raw_joint, atol=1e-4)
+    # the branches were trained apart: their own layers no longer equal each other's
+    a, b = (top.branches[i]["layers"][0].output.dense.weight for i in (0, 1))
+    assert not torch.allclose(a, b)
+    with pytest.raises(TypeError, match="branch"):
+        to_hf(top, ["a", "b", "c"])
 
 
 def test_feature_block_heads_on_minilm_correlate_below_joint(store):
