@@ -146,10 +146,13 @@ def multihead_reward_reference_novelty(
 ) -> ScoredRows:
     """Torch reference of the pass with novelty: the heads as `multihead_reward_reference` and u
     on the same pooled row; a row that is NaN in the heads is NaN in u too."""
+    _check_inputs(hidden, index, weight, bias)
     _check_novelty(novelty, hidden)
-    heads = multihead_reward_reference(hidden, index, weight, bias, compute_dtype=compute_dtype)
-    pooled, _ = _pool_rows(hidden, index)
-    u = novelty_reference(pooled, novelty, compute_dtype)
+    # One gather and one cast of the pooled rows, read by the heads and by u alike.
+    pooled, bad_index = _pool_rows(hidden, index)
+    x = pooled.to(compute_dtype)
+    heads = _heads_reference(x, bad_index, weight, bias, compute_dtype)
+    u = novelty_reference(x, novelty, compute_dtype)
     u = u.masked_fill(torch.isnan(heads.rewards[:, 0]) if heads.rewards.shape[0] else u.isnan(), math.nan)
     return ScoredRows(heads, u.float() if compute_dtype == torch.float32 else u)
 
@@ -165,7 +168,18 @@ def multihead_reward_reference(
     """Torch reference: gather, linear, reductions. `compute_dtype=float64` gives the test oracle."""
     _check_inputs(hidden, index, weight, bias)
     pooled, bad_index = _pool_rows(hidden, index)
-    rewards = pooled.to(compute_dtype) @ weight.to(compute_dtype).T + bias.to(compute_dtype)
+    return _heads_reference(pooled.to(compute_dtype), bad_index, weight, bias, compute_dtype)
+
+
+def _heads_reference(
+    x: torch.Tensor,
+    bad_index: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    compute_dtype: torch.dtype,
+) -> HeadOutputs:
+    """The heads and their reductions on pooled rows `x` [B, H] already in `compute_dtype`."""
+    rewards = x @ weight.to(compute_dtype).T + bias.to(compute_dtype)
     bad = ~torch.isfinite(rewards).all(dim=1)
     if bad_index is not None:
         bad |= bad_index

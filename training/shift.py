@@ -1,4 +1,5 @@
-"""Shifted responses for the pretrained experiment: inputs unlike the training reviews, by kind.
+"""Shifted responses: inputs unlike the training reviews, by kind. The one generator both experiments use
+(`hydra-rm experiment overopt-pretrained` / `heads-pretrained` and `hydra-rm experiment novelty-shift`).
 
 Each kind is what a reward model meets off its training distribution; "praise" is the degenerate
 repetitive text a policy finds when it games a sentiment-like reward. All seeded, all offline.
@@ -15,6 +16,13 @@ import random
 from training.toydata import COMMON, DOMAINS, long_tail
 
 KINDS = ("domain", "salad", "shuffled", "praise")
+# How the tables name them (issue 21's columns).
+LABELS = {
+    "domain": "other domain",
+    "salad": "word salad",
+    "shuffled": "shuffled words",
+    "praise": "repeated praise",
+}
 OTHER_SUBJECTS = (
     "laptop battery", "phone case", "printer driver", "wifi router", "parking app", "tax software",
     "bike lock", "coffee grinder", "train timetable", "insurance claim", "dentist visit", "phone plan",
