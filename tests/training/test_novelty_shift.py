@@ -56,7 +56,9 @@ def test_measure_chooses_lambda_on_validation_and_scores_evaluation(monkeypatch:
         n = len(items)
         if n == 40:
             return train_phi, torch.zeros(n)
-        return torch.randn(n, 6, generator=g) * (3.0 if items[0].response == "shifted" else 1.0), torch.zeros(n)
+        return torch.randn(n, 6, generator=g) * (3.0 if items[0].response == "shifted" else 1.0), torch.zeros(
+            n
+        )
 
     monkeypatch.setattr(ns._Features, "__call__", fake)
     item = ns.Item(prompt="p", response="x")
