@@ -12,7 +12,7 @@ each round on the same items (medians of the rounds):
 vLLM runs offline (`LLM(...).classify(texts)`, its own venv, same model and texts) as served, and with
 `enforce_eager=True` (no torch.compile), to see what compiling contributes.
 
-hydra-rm runs with OMP_WAIT_POLICY=PASSIVE, as `hydra-rm serve` does.
+hydra-rm runs with OpenMP's default wait policy, as `hydra-rm serve` does (PASSIVE is the operator's choice).
 
 Usage: `python bench/peer_profile.py [--rounds 3] [--no-vllm]`; writes bench/results/peer-profile-cpu.md.
 """
@@ -34,7 +34,6 @@ from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what `hydra-rm serve` runs with (scoring/settings.py)
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

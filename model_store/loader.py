@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
+from model_store.branches import load_branches
 from model_store.errors import ChecksumMismatch, ModelNotFound, ModelStoreError, UnsafeModel
-from model_store.manifest import MANIFEST_NAME, RewardManifest, resolve_manifest
+from model_store.manifest import BRANCHES_FILE, MANIFEST_NAME, RewardManifest, resolve_manifest
 from model_store.novelty import NoveltyStat, load_novelty
 from model_store.store import ModelStore, check_weights_safe, verify_checksums
 
@@ -32,6 +33,7 @@ class RewardModel:
     path: Path
     info: dict[str, Any] = field(default_factory=dict)
     novelty: NoveltyStat | None = None  # the manifest's feature-space statistic, on the model's device
+    branches: Any = None  # nn.ModuleList of branches 1..K-1 (model_store/branches.py), or None
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -153,9 +155,17 @@ def load_reward_model(
     k = int(model.config.num_labels)
     defaults = {} if manifest is not None else {"max_length": default_max_length(model.config, tokenizer)}
     manifest = resolve_manifest(manifest, k, **defaults)
+    if manifest.branches is None and (path / BRANCHES_FILE).exists():
+        raise ModelStoreError(
+            f"{path} holds {BRANCHES_FILE} but its manifest declares no branches: every head would be "
+            "served from the checkpoint's own layers (add the manifest's `branches` block, or remove the file)"
+        )
+    branches = load_branches(model, manifest.branches, path, k) if manifest.branches is not None else None
     novelty = _load_novelty(path, manifest, model, device)
     model.to(device)
     model.eval()
+    if branches is not None:
+        branches.to(device)
     attn = str(getattr(model.config, "_attn_implementation", None) or "eager")
     log.info("loaded %s (%s) on %s in %s with %s attention", name, type(model).__name__, device, dtype, attn)
     return RewardModel(
@@ -171,6 +181,7 @@ def load_reward_model(
             "attn_implementation": attn,
         },
         novelty=novelty,
+        branches=branches,
     )
 
 
@@ -256,6 +267,8 @@ def _load_novelty(
     except ValueError as e:
         raise ModelStoreError(f"the novelty statistic does not load: {e}") from e
     width = _head_input_width(model)
+    if width is not None and manifest.branches is not None:  # heads read the K branches' rows side by side
+        width *= manifest.num_heads
     if width is not None and width != hidden:
         raise ModelStoreError(
             f"the novelty statistic is for features of size {hidden} but the heads read {width}"

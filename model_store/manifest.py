@@ -23,7 +23,11 @@ if TYPE_CHECKING:
     from model_store.novelty import NoveltyStat
 
 MANIFEST_NAME = "reward_heads.json"
-FORMAT_VERSION = 1
+# 2: the optional `branches` block (per-head top layers). Manifests without it are still written as 1,
+# so every model an older hydra-rm could serve keeps the file it had; a branched one says 2 and an
+# older hydra-rm refuses it instead of serving every head from the first branch.
+FORMAT_VERSION = 2
+BRANCHES_FILE = "branches.safetensors"
 
 Pooling = Literal["auto", "last_token", "first_token", "pooler"]
 TruncationSide = Literal["left", "right", "reject"]
@@ -46,12 +50,30 @@ class HeadNormalization(BaseModel):
         return self
 
 
+class BranchInfo(BaseModel):
+    """Per-head branches (Hydra-style, issue 17): head j reads its own copy of the encoder's last
+    `layers` layers and pooling tail (BERT pooler / decoder final norm). The checkpoint itself is
+    branch 0, so plain transformers loads head 0 exactly; `branches.safetensors` holds branches
+    1..K-1 as `{j}.layers.{i}.*` and `{j}.tail.*` (model_store/branches.py)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    layers: int = Field(ge=1, description="encoder layers each head owns (the model's last ones)")
+    file: str = Field(default=BRANCHES_FILE, description="safetensors file with branches 1..K-1")
+
+    @model_validator(mode="after")
+    def _file(self) -> BranchInfo:
+        if self.file != BRANCHES_FILE:
+            raise ValueError(f"branches.file must be {BRANCHES_FILE!r}")
+        return self
+
+
 class RewardManifest(BaseModel):
     """Versioned description of the K heads; unknown keys are refused so typos fail loudly."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1
     num_heads: int = Field(ge=1)
     head_names: list[str]
     pooling: Pooling = "auto"
@@ -69,6 +91,8 @@ class RewardManifest(BaseModel):
     # Written by `hydra-rm train` / `hydra-rm calibrate`: the feature-space novelty statistic
     # (model_store/novelty.py) in `novelty.safetensors`, with its reference quantiles. Absent: no u.
     novelty: NoveltyInfo | None = None
+    # Per-head top layers (format_version 2); absent: every head reads the one pooled state.
+    branches: BranchInfo | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> RewardManifest:
@@ -77,6 +101,11 @@ class RewardManifest(BaseModel):
                 f"manifest format_version {self.format_version} is newer than this hydra-rm "
                 f"understands ({FORMAT_VERSION}); upgrade hydra-rm"
             )
+        if self.branches is not None:
+            if self.format_version < 2:
+                raise ValueError("a manifest with branches must say format_version 2")
+            if self.num_heads < 2:
+                raise ValueError("branches need at least 2 heads (one head has nothing to branch from)")
         if len(self.head_names) != self.num_heads:
             raise ValueError(f"head_names has {len(self.head_names)} names for num_heads={self.num_heads}")
         if len(set(self.head_names)) != len(self.head_names):
@@ -98,9 +127,8 @@ class RewardManifest(BaseModel):
     def write(self, directory: Path) -> Path:
         path = Path(directory) / MANIFEST_NAME
         # Unset optional blocks stay out of the file, so models without them are written as before.
-        path.write_text(
-            self.model_dump_json(indent=2, exclude={"novelty"} if self.novelty is None else None) + "\n"
-        )
+        unset = {k for k in ("novelty", "branches") if getattr(self, k) is None}
+        path.write_text(self.model_dump_json(indent=2, exclude=unset or None) + "\n")
         return path
 
     @classmethod

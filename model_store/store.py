@@ -22,6 +22,7 @@ from pathlib import Path
 
 from model_store.errors import ChecksumMismatch, InvalidModelName, ModelNotFound, ModelStoreError, UnsafeModel
 from model_store.manifest import (
+    BRANCHES_FILE,
     MANIFEST_NAME,
     RewardManifest,
     checksum_tree,
@@ -140,7 +141,9 @@ def check_no_stray_weights(directory: Path) -> None:
             )
     else:
         used = {"model.safetensors"} & present
-    stray = sorted(present - used - {NOVELTY_FILE})  # the novelty statistic is read by hydra-rm, not HF
+    # The novelty statistic and per-head branches are read by hydra-rm, not HF (a branches file the
+    # manifest does not declare is refused by the loader: the manifest says what is served).
+    stray = sorted(present - used - {NOVELTY_FILE, BRANCHES_FILE})
     if stray:
         raise ModelStoreError(
             f"{directory} holds weight files the model would not load ({', '.join(stray[:5])}); "

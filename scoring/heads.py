@@ -19,6 +19,7 @@ from kernels import NoveltyTensors, ScoredRows, multihead_reward, multihead_rewa
 from model_store.errors import ModelStoreError
 from model_store.manifest import HeadNormalization, RewardManifest
 from model_store.tokenization import EncodedItem
+from scoring.branches import block_diagonal, branch_rows, check_branch_pooling, run_branched
 from scoring.results import ItemScore
 
 log = logging.getLogger("hydra_rm.engine")
@@ -141,6 +142,7 @@ class HeadForward:
         pad_id: int,
         padding_side: Literal["right", "left"],
         novelty: NoveltyTensors | None = None,
+        branches: nn.ModuleList | None = None,
     ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
@@ -150,6 +152,12 @@ class HeadForward:
         self.padding_side = padding_side if self.is_decoder else "right"
         self.pad_id = pad_id
         self.weight, self.bias = fold_heads(self.head, manifest)
+        # Per-head branches (scoring/branches.py): the kernel reads the K branches' rows side by side
+        # through a block-diagonal head, so everything after pooling is the unbranched path.
+        self.branches = branches
+        if branches is not None:
+            check_branch_pooling(self.head.kind)
+            self.weight = block_diagonal(self.weight).contiguous()
         # The feature-space novelty statistic on this device (None: the heads-only kernel call).
         self.novelty = novelty
 
@@ -163,6 +171,10 @@ class HeadForward:
     def pool(self, out: Any, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The kernel's input: hidden states and the pooled row per item (None: already pooled)."""
         kind = self.head.kind
+        if isinstance(out, _Branched):
+            index = last_token_index(mask) if kind == "last_token" else mask.argmax(-1)
+            rows = branch_rows(self.model, self.branches, kind, out.out, out.states, index)  # type: ignore[arg-type]
+            return rows.flatten(1), None
         if kind == "pooler":
             pooled = getattr(out, "pooler_output", None)
             if pooled is None:  # DeBERTa keeps its pooler on the task model, not the base model
@@ -224,4 +236,15 @@ class HeadForward:
         if self.is_decoder:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
             kwargs["use_cache"] = False
+        if self.branches is not None:
+            out, states = run_branched(self.model, self.branches, lambda: self.model.base_model(**kwargs))
+            return _Branched(out, states), mask
         return self.model.base_model(**kwargs), mask
+
+
+@dataclass(frozen=True)
+class _Branched:
+    """A branched pass: the model's own output (branch 0) and branches 1..K-1's last hidden states."""
+
+    out: Any
+    states: list[torch.Tensor]

@@ -176,7 +176,14 @@ class PrefixScorer:
         self.stats = PrefixStats()
         self.cache = PrefixCache(cache_bytes, min_shared)
         self.on_plan: Callable[[PrefixPlan], None] | None = None  # metrics hook, after each success
-        self.sharing = enabled and is_causal_decoder(engine.heads.model) and self._windows_cover(engine)
+        # Branched heads (scoring/branches.py) run their own last layers over the whole sequence: they
+        # are scored by the plain padded pass.
+        self.sharing = (
+            enabled
+            and engine.heads.branches is None
+            and is_causal_decoder(engine.heads.model)
+            and self._windows_cover(engine)
+        )
         if self.sharing and check:
             self.sharing = self._self_check()
             self.cache.clear()  # the probe's prompt is nobody's

@@ -287,6 +287,11 @@ class VllmEngine(PlannedEngine):
         k = int(config.num_labels)
         defaults = {} if manifest is not None else {"max_length": default_max_length(config, self.tokenizer)}
         manifest = resolve_manifest(manifest, k, **defaults)  # as the torch loader and the store do
+        if manifest.branches is not None:  # vLLM would serve every head from branch 0's features
+            raise ModelStoreError(
+                f"{self.path} has per-head branches ({manifest.branches.layers} layers), which vLLM cannot "
+                "run: serve it with HYDRA_RM_ENGINE=torch"
+            )
         self.manifest = manifest
         self.architecture = _is_decoder(self.path, manifest, options.trust_remote_code)
         self.model_type = getattr(config, "model_type", None)

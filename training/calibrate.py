@@ -134,10 +134,12 @@ def novelty_for_training(
     train_items: Sequence[Item],
     reference_items: Sequence[Item],
     lam: float = DEFAULT_LAMBDA,
+    branches: Any = None,
 ) -> tuple[NoveltyStat, NoveltyInfo]:
     """`hydra-rm train`'s statistic: fitted on the training pairs' responses, quantiles on the reference
     split, through an engine over the freshly trained model (in memory, exactly as it will be served)."""
     rm = RewardModel(
-        model=model, tokenizer=tokenizer, manifest=manifest, name="train", version="train", path=Path(".")
-    )
+        model=model, tokenizer=tokenizer, manifest=manifest, name="train", version="train", path=Path("."),
+        branches=branches,
+    )  # fmt: skip
     return fit_for_engine(_engine(rm), train_items, reference_items, lam)

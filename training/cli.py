@@ -59,6 +59,14 @@ def train(
     decorrelation: Annotated[
         float, typer.Option(min=0.0, help="Weight of a penalty on the heads' batch correlation.")
     ] = 0.0,
+    branch_layers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Each head owns a copy of the last N encoder layers (+ pooler / final norm); 0: every head "
+            "reads the one shared pooled state.",
+        ),
+    ] = 0,
     ensemble: Annotated[
         str, typer.Option(help="none, or full: K independent single-head models (seeds seed..seed+K-1).")
     ] = "none",
@@ -88,6 +96,10 @@ def train(
     from training.trainer import TrainConfig
 
     _check_train_choices(name, output, diversity, mode, ensemble)
+    if branch_layers and (feature_blocks or mode != "finetune" or ensemble != "none" or heads < 2):
+        raise _fail(
+            "--branch-layers needs --mode finetune, --heads >= 2, no --feature-blocks and no --ensemble"
+        )
     pairs, reference = _read_pairs(data, reference_data)
     names = [s.strip() for s in head_names.split(",")] if head_names else None
     cfg = TrainConfig(
@@ -95,7 +107,7 @@ def train(
         weight_decay=weight_decay, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
         mixed_precision=mixed_precision, mode=mode, lora_r=lora_r, lora_alpha=2 * lora_r,
         diversity=diversity, feature_blocks=feature_blocks, decorrelation=decorrelation,
-        reference_fraction=reference_fraction, save_steps=save_steps,
+        branch_layers=branch_layers, reference_fraction=reference_fraction, save_steps=save_steps,
         max_steps=max_steps, cpu=cpu,
     )  # fmt: skip
     runs = [("", cfg)]
@@ -270,6 +282,8 @@ def overopt_pretrained(
     ] = 0.0,
     noise: Annotated[float, typer.Option(min=0.0, max=0.5, help="Share of training labels flipped.")] = 0.25,
     prefix: Annotated[str | None, typer.Option(help="Output file stem (default by seeds).")] = None,
+    lr_top: Annotated[float, typer.Option(help="Learning rate of the trained encoder layers.")] = 2e-4,
+    lr_heads: Annotated[float, typer.Option(help="Learning rate of the heads.")] = 2e-3,
 ) -> None:
     """Best-of-n on the pretrained MiniLM trunk: single vs joint vs shard-blocks vs ensemble, with u."""
     from training.overopt_pretrained import RECIPES, PSetup, run_experiment
@@ -290,7 +304,7 @@ def overopt_pretrained(
         setup = PSetup(
             seeds=list(range(first_seed, first_seed + seeds)), methods=names, n_pairs=pairs,
             pool_size=pool_size, n_prompts=prompts, val_pool_size=pool_size // 2, val_prompts=4,
-            hp=TrainHP(epochs=epochs),
+            hp=TrainHP(epochs=epochs, lr_top=lr_top, lr_heads=lr_heads),
         )  # fmt: skip
         if frozen_layers is not None:
             setup.frozen_layers = frozen_layers
@@ -299,6 +313,7 @@ def overopt_pretrained(
     extra += f"--frozen-layers {frozen_layers} " if frozen_layers is not None else ""
     extra += f"--bias {bias:g} --gaming-share {gaming_share:g} " if bias else ""
     extra += f"--noise {noise:g} " if noise != 0.25 else ""
+    extra += f"--lr-top {lr_top:g} --lr-heads {lr_heads:g} " if (lr_top, lr_heads) != (2e-4, 2e-3) else ""
     flags = (
         "--quick "
         if quick
@@ -332,6 +347,8 @@ def heads_pretrained(
     methods: Annotated[
         str | None, typer.Option(help="Comma-separated recipes (default: the table's).")
     ] = None,
+    lr_top: Annotated[float, typer.Option(help="Learning rate of the trained encoder layers.")] = 2e-4,
+    lr_heads: Annotated[float, typer.Option(help="Learning rate of the heads.")] = 2e-3,
 ) -> None:
     """Issue 17's table on fresh data: each recipe's accuracy, head correlation and detection AUROCs."""
     import json as _json
@@ -344,7 +361,8 @@ def heads_pretrained(
     if bad := [m for m in names if m not in RECIPES]:
         raise _fail(f"--methods: unknown {', '.join(bad)}; expected some of {', '.join(RECIPES)}")
     setup = PSetup(
-        seeds=[seed], methods=names, n_pairs=pairs, noise=0.0, hp=TrainHP(epochs=epochs),
+        seeds=[seed], methods=names, n_pairs=pairs, noise=0.0,
+        hp=TrainHP(epochs=epochs, lr_top=lr_top, lr_heads=lr_heads),
         frozen_layers=frozen_layers, device=device,
     )  # fmt: skip
     command = (
@@ -352,6 +370,7 @@ def heads_pretrained(
         + (f" --device {device}" if device != "cpu" else "")
         + (f" --frozen-layers {frozen_layers}" if frozen_layers != 4 else "")
         + (f" --methods {','.join(names)}" if methods else "")
+        + (f" --lr-top {lr_top:g} --lr-heads {lr_heads:g}" if (lr_top, lr_heads) != (2e-4, 2e-3) else "")
     )
     out.mkdir(parents=True, exist_ok=True)
 

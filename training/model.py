@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from model_store.loader import default_max_length, resolve_source
-from model_store.manifest import RewardManifest
+from model_store.manifest import BranchInfo, RewardManifest
 from model_store.store import ModelStore, check_weights_safe
-from scoring.heads import is_decoder, last_token_index
+from scoring.branches import branch_rows, check_branch_pooling, run_branched
+from scoring.heads import is_decoder, last_token_index, resolve_head
 
 Mode = Literal["finetune", "frozen", "lora"]
 
@@ -43,12 +44,18 @@ def head_linear(model: nn.Module) -> nn.Linear:
 
 
 class RewardForward(nn.Module):
-    """Logits for a padded batch, pooled as the engine pools; one module so DDP/accelerate wrap it."""
+    """Logits for a padded batch, pooled as the engine pools; one module so DDP/accelerate wrap it.
+    With `branches` (per-head top layers), head j reads branch j's row through the engine's own
+    branched pass (scoring/branches.py), so what is trained is what is served."""
 
-    def __init__(self, hf: nn.Module) -> None:
+    def __init__(self, hf: nn.Module, branches: nn.ModuleList | None = None) -> None:
         super().__init__()
         self.hf = hf
         self.decoder = is_decoder(hf)
+        self.branches = branches
+        if branches is not None:
+            self.kind = resolve_head(hf, "auto").kind
+            check_branch_pooling(self.kind)
 
     def forward(
         self,
@@ -56,6 +63,8 @@ class RewardForward(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.branches is not None:
+            return self._branched(input_ids, attention_mask, token_type_ids)
         if self.decoder:
             pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             out = self.hf.base_model(
@@ -69,6 +78,26 @@ class RewardForward(nn.Module):
             kw["token_type_ids"] = token_type_ids
         return self.hf(**kw).logits
 
+    def _branched(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        kw: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.decoder:
+            kw["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            kw["use_cache"] = False
+        elif token_type_ids is not None:
+            kw["token_type_ids"] = token_type_ids
+        assert self.branches is not None
+        out, states = run_branched(self.hf, self.branches, lambda: self.hf.base_model(**kw))
+        index = last_token_index(attention_mask) if self.decoder else attention_mask.argmax(-1)
+        phi = branch_rows(self.hf, self.branches, self.kind, out, states, index)  # [B, K, H]
+        drop = getattr(self.hf, "dropout", None)  # BERT's classifier dropout, as its own forward applies
+        if isinstance(drop, nn.Dropout):
+            phi = drop(phi)
+        lin = head_linear(self.hf)
+        logits = (phi * lin.weight[None]).sum(-1)
+        return logits + lin.bias if lin.bias is not None else logits
+
 
 @dataclass
 class Loaded:
@@ -77,6 +106,7 @@ class Loaded:
     tokenizer: Any
     manifest: RewardManifest  # serving facts inherited from the base (pooling, max_length, truncation)
     base_path: Path
+    branches: nn.ModuleList | None = None  # heads 1..K-1's own top layers (branch_layers > 0)
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -98,8 +128,10 @@ def load_base(
     lora_r: int = 8,
     lora_alpha: int = 16,
     head_init_std: float | None = None,
+    branch_layers: int = 0,
 ) -> Loaded:
-    """Base checkpoint + a new K-way head (seeded), frozen/LoRA as asked; safetensors only."""
+    """Base checkpoint + a new K-way head (seeded), frozen/LoRA as asked; safetensors only. With
+    `branch_layers`, heads 1..K-1 get their own copies of the last layers (branch 0 is the model)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path, _, _, _ = resolve_source(base, store)
@@ -140,6 +172,16 @@ def load_base(
         max_length=limit,
         truncation_side=base_manifest.truncation_side if base_manifest else "left",
     )
+    branches = None
+    if branch_layers:
+        from model_store.branches import copy_branches
+
+        if mode != "finetune" or num_heads < 2:
+            raise ValueError("--branch-layers needs --mode finetune and at least 2 heads")
+        branches = copy_branches(model, branch_layers, num_heads)
+        manifest = manifest.model_copy(
+            update={"branches": BranchInfo(layers=branch_layers), "format_version": 2}
+        )
     peft_model = None
     if mode == "frozen":
         head_ids = {id(p) for p in head_module(model).parameters()}
@@ -153,7 +195,7 @@ def load_base(
         model = peft_model.get_base_model()
         for p in head_module(model).parameters():  # the new heads train in full
             p.requires_grad_(True)
-    return Loaded(model, peft_model, tokenizer, manifest, path)
+    return Loaded(model, peft_model, tokenizer, manifest, path, branches)
 
 
 def param_groups(model: nn.Module, lr_encoder: float, lr_heads: float) -> list[dict[str, Any]]:

@@ -48,6 +48,9 @@ RECIPES = {
     "branches": Recipe("branches", diversity="joint", branch_layers=2),
     "branches-1": Recipe("branches-1", diversity="joint", branch_layers=1),
     "branches-shard": Recipe("branches-shard", diversity="shard", branch_layers=2),
+    "branches-shard-1": Recipe("branches-shard-1", diversity="shard", branch_layers=1),
+    "branches-shard-3": Recipe("branches-shard-3", diversity="shard", branch_layers=3),
+    "branches-bootstrap": Recipe("branches-bootstrap", diversity="bootstrap", branch_layers=2),
 }
 TABLE_METHODS = ("shard", "shard-blocks", "frozen-shard", "joint", "bootstrap", "frozen-joint", "ensemble")
 

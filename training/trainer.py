@@ -47,6 +47,9 @@ class TrainConfig:
     diversity: str = "shard"
     feature_blocks: bool = False  # head k reads only its own block of the pooled features (diversity.py)
     decorrelation: float = 0.0  # weight of the heads' batch-correlation penalty (diversity.py)
+    branch_layers: int = (
+        0  # > 0: each head owns a copy of the last this many layers (model_store/branches.py)
+    )
     reference_fraction: float = 0.1
     head_init_std: float | None = None
     save_steps: int = 0  # also a checkpoint at every epoch end (when a checkpoint dir is given)
@@ -73,6 +76,7 @@ class TrainResult:
     finished: bool = True  # False when max_steps stopped the run early
     is_main_process: bool = True  # under `accelerate launch`, only the main process publishes
     novelty: Any = None  # model_store.novelty.NoveltyStat, written beside the weights when set
+    branches: Any = None  # nn.ModuleList of heads 1..K-1's own layers, written beside the weights when set
 
 
 def split_reference(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -187,7 +191,7 @@ class Trainer:
         self.loaded: Loaded = load_base(
             base, cfg.heads, store, head_names=cfg.names(), mode=cfg.mode, seed=cfg.seed,
             max_length=cfg.max_length, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-            head_init_std=cfg.head_init_std,
+            head_init_std=cfg.head_init_std, branch_layers=cfg.branch_layers,
         )  # fmt: skip
         # Tokenized exactly as the engine tokenizes for scoring (the engine passes the same cap).
         self.tok = ItemTokenizer(
@@ -258,10 +262,12 @@ class Trainer:
     def _prepare(self, acc: Any) -> tuple[Any, Any]:
         """The forward (heads masked to feature blocks if asked) and its AdamW, prepared by accelerate."""
         cfg = self.cfg
-        fwd = RewardForward(self.loaded.model)
+        fwd = RewardForward(self.loaded.model, self.loaded.branches)
         if cfg.feature_blocks and cfg.heads > 1:
             _mask_heads(self.loaded.model, cfg.seed)
         groups = param_groups(self.loaded.model, cfg.lr_encoder, cfg.lr_heads)
+        if self.loaded.branches is not None:  # the heads' own layers learn at the encoder's rate
+            groups.append({"params": list(self.loaded.branches.parameters()), "lr": cfg.lr_encoder})
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         return acc.prepare(fwd, opt)
 
@@ -389,6 +395,7 @@ class Trainer:
         )
         model = fwd.hf
         model.eval()
+        branches = fwd.branches.eval() if fwd.branches is not None else None
         stat = None
         if cfg.novelty_lambda is not None:
             from training.calibrate import novelty_for_training
@@ -396,10 +403,19 @@ class Trainer:
             train_items = [Item(**it) for p in self.train_pairs for it in (p.chosen, p.rejected)]
             stat, info = novelty_for_training(
                 model, self.loaded.tokenizer, manifest, train_items, [Item(**it) for it in ref_items],
-                cfg.novelty_lambda,
+                cfg.novelty_lambda, branches=branches,
             )  # fmt: skip
             manifest = manifest.model_copy(update={"novelty": info})
-        return TrainResult(model, self.loaded.tokenizer, manifest, metrics, history, finished, novelty=stat)
+        return TrainResult(
+            model,
+            self.loaded.tokenizer,
+            manifest,
+            metrics,
+            history,
+            finished,
+            novelty=stat,
+            branches=branches,
+        )
 
 
 def _mask_heads(model: Any, seed: int) -> None:
@@ -424,6 +440,10 @@ def save_model(result: TrainResult, dest: Path) -> Path:
         from model_store.novelty import save_novelty
 
         save_novelty(result.novelty, dest)
+    if result.branches is not None:
+        from model_store.branches import save_branches
+
+        save_branches(result.branches, dest)
     result.manifest.write(dest)
     return dest
 
