@@ -79,6 +79,10 @@ SLOW = (
     "tests/service/test_server.py::test_serve_with_no_model_serves_the_embedded_default",
     "tests/service/test_schema.py",
     "tests/training/test_toptrain.py::test_feature_block_heads_on_minilm_correlate_below_joint",
+    "tests/training/test_branch_train.py::test_branched_heads_on_minilm_correlate_below_joint",
+    # The pretrained experiment end to end on MiniLM (13 s and 6 s of MiniLM training).
+    "tests/training/test_overopt_pretrained.py::test_full_finetune_with_bias_and_branches_runs_tiny",
+    "tests/training/test_overopt_pretrained.py::test_quick_run_writes_every_table",
 )
 SLOW_FIXTURES = {"ray_cluster"}
 

@@ -60,13 +60,14 @@ def train(
         float, typer.Option(min=0.0, help="Weight of a penalty on the heads' batch correlation.")
     ] = 0.0,
     branch_layers: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=0,
             help="Each head owns a copy of the last N encoder layers (+ pooler / final norm); 0: every head "
-            "reads the one shared pooled state.",
+            "reads the one shared pooled state. Default: 2 for K >= 2 fine-tuned heads on a base of >= 4 "
+            "layers, else 0.",
         ),
-    ] = 0,
+    ] = None,
     ensemble: Annotated[
         str, typer.Option(help="none, or full: K independent single-head models (seeds seed..seed+K-1).")
     ] = "none",
@@ -284,6 +285,9 @@ def overopt_pretrained(
     prefix: Annotated[str | None, typer.Option(help="Output file stem (default by seeds).")] = None,
     lr_top: Annotated[float, typer.Option(help="Learning rate of the trained encoder layers.")] = 2e-4,
     lr_heads: Annotated[float, typer.Option(help="Learning rate of the heads.")] = 2e-3,
+    pool_seed: Annotated[
+        int, typer.Option(help="Evaluation pool seed (pilots: another one than the reported run's).")
+    ] = 4242,
 ) -> None:
     """Best-of-n on the pretrained MiniLM trunk: single vs joint vs shard-blocks vs ensemble, with u."""
     from training.overopt_pretrained import RECIPES, PSetup, run_experiment
@@ -309,11 +313,13 @@ def overopt_pretrained(
         if frozen_layers is not None:
             setup.frozen_layers = frozen_layers
     setup.device, setup.bias, setup.gaming_share, setup.noise = device, bias, gaming_share, noise
+    setup.pool_seed = pool_seed
     extra = f"--device {device} " if device != "cpu" else ""
     extra += f"--frozen-layers {frozen_layers} " if frozen_layers is not None else ""
     extra += f"--bias {bias:g} --gaming-share {gaming_share:g} " if bias else ""
     extra += f"--noise {noise:g} " if noise != 0.25 else ""
     extra += f"--lr-top {lr_top:g} --lr-heads {lr_heads:g} " if (lr_top, lr_heads) != (2e-4, 2e-3) else ""
+    extra += f"--pool-seed {pool_seed} " if pool_seed != 4242 else ""
     flags = (
         "--quick "
         if quick

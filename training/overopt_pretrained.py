@@ -82,6 +82,9 @@ class PSetup:
     gaming_share: float = 0.0
     gaming_tags: tuple[int, int] = (2, 4)
     device: str = "cpu"
+    # The evaluation pool's seed: pilots that choose the experiment's settings use another one, so the
+    # evaluation pool's gold is never looked at before the run that reports it.
+    pool_seed: int = POOL_SEED
 
 
 MINILM_ENV = "HYDRA_RM_MINILM_DIR"
@@ -318,6 +321,14 @@ def lcb(r: torch.Tensor, u: torch.Tensor, ref: list[int], beta: float) -> torch.
     return m - beta * m[ref].std(correction=0) * u
 
 
+def stdp(r: torch.Tensor, std: torch.Tensor, ref: list[int], beta: float) -> torch.Tensor:
+    """Scale-free disagreement pessimism (issue 17): mean - beta * reward_std * std / median(std_ref).
+    Like `lcb` with the head std in place of u: heads that agree to ~0.01 reward units still get a
+    penalty of beta reward-stds where they disagree twice as much as on the reference split."""
+    m = r.mean(1)
+    return m - beta * m[ref].std(correction=0) * std / std[ref].median().clamp(min=1e-12)
+
+
 def analyse(
     members: list[MemberOut], data: SeedData, pool_idx: torch.Tensor | None = None,
     val_idx: torch.Tensor | None = None, gold_pool: torch.Tensor | None = None,
@@ -345,10 +356,14 @@ def analyse(
             (val_score(lcb(r, us[lam], data.ref, b)), b, lam) for b in BETAS for lam in RIDGES
         )
         uwo_lam = max(UWO_LAMBDAS, key=lambda lam: val_score(aggregate(r, "uwo", lam))) if k > 1 else None
+        stdp_beta = None
         if k > 1:
             aggs["uwo"] = aggregate(r, "uwo", uwo_lam or 0.0)
+            assert std is not None
+            stdp_beta = max(BETAS, key=lambda b: val_score(stdp(r, std, data.ref, b)))
+            aggs["stdp"] = stdp(r, std, data.ref, stdp_beta)
         aggs["lcb"] = lcb(r, us[ridge], data.ref, beta)
-        out.update(beta=beta, ridge=ridge, uwo_lambda=uwo_lam)
+        out.update(beta=beta, ridge=ridge, uwo_lambda=uwo_lam, stdp_beta=stdp_beta)
         out["curves"] = {a: best_of_n(v[pool_idx], gold_pool, ns) for a, v in aggs.items()}
         # P(the best-of-n pick is a negated-praise exploit), exactly, per n.
         out["exploit_picked"] = {a: best_of_n(v[pool_idx], exploit_pool, ns) for a, v in aggs.items()}
@@ -423,7 +438,7 @@ def run_experiment(setup: PSetup, log: Any = print, on_seed: Any = None) -> dict
     ev_idx = eval_prompt_idx(setup.n_prompts)
     va_idx = val_prompt_idx(setup.val_prompts, ev_idx)
     tags = (setup.pool_tag_probs, setup.gaming_share, setup.gaming_tags) if setup.bias else (None,)
-    ev_pool, exploit_pool = make_pool(setup.pool_size, POOL_SEED, ev_idx, setup.exploit_share, *tags)
+    ev_pool, exploit_pool = make_pool(setup.pool_size, setup.pool_seed, ev_idx, setup.exploit_share, *tags)
     va_pool, _ = make_pool(
         setup.val_pool_size or setup.pool_size, VAL_POOL_SEED, va_idx, setup.exploit_share, *tags
     )

