@@ -87,6 +87,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
+    threads_note = "set by --threads" if args.threads else "torch's default"
     tmp = Path(tempfile.mkdtemp(prefix="hydra-branches-bench-"))
     store = ModelStore(tmp / "store")
     policy = BatchPolicy.resolve("cpu")
@@ -122,7 +123,7 @@ def main() -> None:
         "",
         f"`{' '.join(['.venv/bin/python', 'bench/branches_bench.py', *sys.argv[1:]])}` on {platform.machine()}, "
         f"CPU, torch {torch.__version__}, {torch.get_num_threads()} torch threads "
-        f"({'set by --threads' if args.threads else "torch's default"}), {os.cpu_count()} CPUs; "
+        f"({threads_note}), {os.cpu_count()} CPUs; "
         f"load average {load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end.",
         "",
         f"Model: the pretrained all-MiniLM-L6-v2 (6 layers, hidden 384), K = {args.k}; {args.items} review "
