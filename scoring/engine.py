@@ -171,6 +171,9 @@ class ScoringEngine(PlannedEngine):
             "truncation_side": self.truncation_side,
             "chat_template": self.has_chat_template,
             "device": str(self.device),
+            **(
+                {"branch_layers": self.manifest.branches.layers} if self.manifest.branches is not None else {}
+            ),
         }
 
     def fingerprint(self) -> dict[str, Any]:

@@ -136,7 +136,7 @@ class GetRewardResponse(BaseModel):
 
 
 class ModelCard(_OmitWhenNone):
-    _omit_when_none = ("novelty",)
+    _omit_when_none = ("novelty", "branch_layers")
 
     id: str
     object: Literal["model"] = "model"
@@ -165,6 +165,11 @@ class ModelCard(_OmitWhenNone):
         default=None,
         description="The novelty statistic: lambda, rank, reference quantiles of u and the reward scale "
         "`lcb` uses. Absent for models without.",
+    )
+    branch_layers: int | None = Field(
+        default=None,
+        description="Layers each head owns (per-head branches; README 'What a reward model is on disk'). "
+        "Absent for models whose heads share every layer.",
     )
 
 

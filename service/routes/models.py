@@ -44,4 +44,5 @@ def _card(service: ScoringService) -> ModelCard:
         max_body_bytes=info["max_body_bytes"],
         disagreement=info.get("disagreement"),
         novelty=info.get("novelty"),
+        branch_layers=info.get("branch_layers"),
     )

@@ -152,3 +152,22 @@ def test_novelty_features_of_a_branched_model_are_the_k_rows_side_by_side(tmp_pa
     w, b = engine.heads.weight, engine.heads.bias
     got = torch.tensor([s.rewards for s in engine.score([Item(text=t) for t in TEXTS])])
     torch.testing.assert_close(phi @ w.T + b, got, atol=1e-5, rtol=1e-5)
+
+
+def test_a_branched_model_is_served_over_http_with_its_branches_on_the_card(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.service.conftest import live_server
+
+    src = _branched_dir(build_tiny_bert(tmp_path / "m", k=3, layers=3), layers=2)
+    rm = load_reward_model(str(src), ModelStore(tmp_path / "store"))
+    engine = ScoringEngine(rm)
+    with live_server(engine=engine) as live:
+        card = httpx.get(f"{live.url}/v1/models").json()["data"][0]
+        res = httpx.post(f"{live.url}/v1/score", json={"items": [{"text": t} for t in TEXTS]}).json()
+    assert card["branch_layers"] == 2 and card["num_heads"] == 3
+    got = torch.tensor([list(r["heads"].values()) for r in res["results"]])
+    for j in range(3):
+        torch.testing.assert_close(
+            got[:, j], _twin_logits(src, TEXTS, j, decoder=False), atol=1e-5, rtol=1e-5
+        )
