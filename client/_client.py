@@ -169,7 +169,11 @@ class _Base:
 
     @staticmethod
     def _options(
-        aggregation: str | None, uwo_lambda: float | None, return_heads: bool, lcb_beta: float | None = None
+        aggregation: str | None,
+        uwo_lambda: float | None,
+        return_heads: bool,
+        lcb_beta: float | None = None,
+        stdp_beta: float | None = None,
     ) -> dict[str, Any]:
         opts: dict[str, Any] = {}
         if aggregation is not None:
@@ -178,6 +182,8 @@ class _Base:
             opts["uwo_lambda"] = uwo_lambda
         if lcb_beta is not None:
             opts["lcb_beta"] = lcb_beta
+        if stdp_beta is not None:
+            opts["stdp_beta"] = stdp_beta
         if not return_heads:
             opts["return_heads"] = False
         return opts
@@ -337,6 +343,7 @@ class HydraClient(_Base):
         return_heads: bool = True,
         on_error: OnError = "raise",
         lcb_beta: float | None = None,
+        stdp_beta: float | None = None,
     ) -> ScoreList:
         """Score items (dicts in the server's forms, (prompt, response) pairs, or strings = raw text);
         results in input order. Raises on the first request that fails for good, unless
@@ -344,7 +351,7 @@ class HydraClient(_Base):
         encoded = encode_items(items)
         if not encoded:
             return ScoreList()
-        opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta)
+        opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta, stdp_beta)
         flows = self._chunk_flows(encoded, self.limits(), opts, on_error)
         if len(flows) == 1 or self.concurrency == 1:
             parts = [p for f in flows for p in self._run(f)]
@@ -412,12 +419,13 @@ class AsyncHydraClient(_Base):
         return_heads: bool = True,
         on_error: OnError = "raise",
         lcb_beta: float | None = None,
+        stdp_beta: float | None = None,
     ) -> ScoreList:
         """As `HydraClient.score`; requests run `concurrency` at a time on the caller's loop."""
         encoded = encode_items(items)
         if not encoded:
             return ScoreList()
-        opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta)
+        opts = self._options(aggregation, uwo_lambda, return_heads, lcb_beta, stdp_beta)
         flows = self._chunk_flows(encoded, await self.limits(), opts, on_error)
         gate = asyncio.Semaphore(self.concurrency)
 

@@ -142,6 +142,7 @@ class ScoreResponse:
     results: list[Score]
     lcb_beta: float | None = None
     usage: dict[str, int] = field(default_factory=dict)
+    stdp_beta: float | None = None
 
 
 def parse_score_response(body: Any, expected: int) -> ScoreResponse:
@@ -154,7 +155,7 @@ def parse_score_response(body: Any, expected: int) -> ScoreResponse:
         got = len(raw_results) if isinstance(raw_results, list) else raw_results
         raise ProtocolError(f"response.results: expected {expected} results, got {got!r}")
     results = [_parse_result(r, names, f"response.results[{i}]") for i, r in enumerate(raw_results)]
-    lam, beta = obj.get("uwo_lambda"), obj.get("lcb_beta")
+    lam, beta, sbeta = obj.get("uwo_lambda"), obj.get("lcb_beta"), obj.get("stdp_beta")
     usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
     return ScoreResponse(
         model=_str(obj, "model", "response"),
@@ -162,6 +163,7 @@ def parse_score_response(body: Any, expected: int) -> ScoreResponse:
         aggregation=_str(obj, "aggregation", "response"),
         uwo_lambda=float(lam) if isinstance(lam, (int, float)) and not isinstance(lam, bool) else None,
         lcb_beta=float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None,
+        stdp_beta=float(sbeta) if isinstance(sbeta, (int, float)) and not isinstance(sbeta, bool) else None,
         head_names=list(names),
         results=results,
         usage={k: v for k, v in usage.items() if isinstance(v, int)},

@@ -177,6 +177,8 @@ class ScoreJob:
         }
         if self.aggregation.kind == "lcb":
             ident["lcb_beta"] = self.aggregation.lcb_beta
+        if self.aggregation.kind == "stdp":
+            ident["stdp_beta"] = self.aggregation.stdp_beta
         return ident
 
     def _load_state(self, restart: bool) -> dict[str, Any]:

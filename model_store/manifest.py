@@ -112,7 +112,7 @@ class RewardManifest(BaseModel):
             raise ValueError("head_names must be unique")
         if self.normalization is not None and len(self.normalization.mean) != self.num_heads:
             raise ValueError("normalization must have one mean/std per head")
-        Aggregation.parse(self.default_aggregation, self.num_heads).for_novelty(self.novelty)
+        Aggregation.parse(self.default_aggregation, self.num_heads).bind(self.novelty, self.disagreement)
         for rel, digest in self.files.items():
             check_relative_path(rel)
             if not re.fullmatch(r"[0-9a-f]{64}", digest):
@@ -173,13 +173,15 @@ def resolve_aggregation(
     aggregation: str | None = None,
     uwo_lambda: float | None = None,
     lcb_beta: float | None = None,
+    stdp_beta: float | None = None,
 ) -> Aggregation:
     """The default aggregation of a served or scored model: what the operator set (a HYDRA_RM_* setting
     or a CLI option), else the manifest's. `serve`, `score` and `demo` all resolve through here."""
     lam = manifest.uwo_lambda if uwo_lambda is None else uwo_lambda
     beta = 1.0 if lcb_beta is None else lcb_beta
-    agg = Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam, beta)
-    return agg.for_novelty(manifest.novelty)
+    sbeta = 1.0 if stdp_beta is None else stdp_beta
+    agg = Aggregation.parse(aggregation or manifest.default_aggregation, manifest.num_heads, lam, beta, sbeta)
+    return agg.bind(manifest.novelty, manifest.disagreement)
 
 
 def check_relative_path(rel: str) -> str:

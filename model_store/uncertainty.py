@@ -47,6 +47,11 @@ class DisagreementQuantiles(BaseModel):
         """The reference p95 (the dashboard's drift threshold), when it was stored."""
         return dict(zip(self.probs, self.values, strict=True)).get(0.95)
 
+    @property
+    def median(self) -> float | None:
+        """The reference median (the unit of `stdp`'s beta), when it was stored."""
+        return dict(zip(self.probs, self.values, strict=True)).get(0.5)
+
 
 def fit_quantiles(stds: Sequence[float], probs: Sequence[float] = DEFAULT_PROBS) -> DisagreementQuantiles:
     """Empirical quantiles (linear interpolation, numpy's default) of reference stds."""

@@ -163,7 +163,7 @@ class Settings(BaseSettings):
     aggregation: str | None = Field(
         default=None,
         description="Aggregation for `/get_reward` and the `/v1/score` default: `min`, `mean`, `max`, "
-        "`uwo`, `lcb` (models with a novelty statistic) or `head:<i>`. Default: the manifest's (usually `min`).",
+        "`uwo`, `lcb` (models with a novelty statistic), `stdp` (models with disagreement quantiles) or `head:<i>`. Default: the manifest's (usually `min`).",
     )
     uwo_lambda: float | None = Field(
         default=None, ge=0.0, description="Lambda for `uwo` (mean - lambda * var). Default: the manifest's."
@@ -172,6 +172,11 @@ class Settings(BaseSettings):
         default=1.0,
         ge=0.0,
         description="Beta for `lcb` (mean - beta * reward_std * novelty / reference median novelty).",
+    )
+    stdp_beta: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Beta for `stdp` (mean - beta * reward_std * head std / reference median head std).",
     )
     max_items_per_request: int = Field(
         default=1024, ge=1, description="Most items one request may carry (422 beyond)."
@@ -287,7 +292,9 @@ class Settings(BaseSettings):
         from model_store.manifest import resolve_aggregation
 
         try:
-            return resolve_aggregation(manifest, self.aggregation, self.uwo_lambda, self.lcb_beta)
+            return resolve_aggregation(
+                manifest, self.aggregation, self.uwo_lambda, self.lcb_beta, self.stdp_beta
+            )
         except ValueError as e:
             raise ValueError(f"aggregation setting: {e}") from e
 

@@ -47,8 +47,9 @@ class ScoreRequest(BaseModel):
     aggregation: str | None = Field(
         default=None,
         max_length=16,
-        description="`min` (default: pessimistic), `mean`, `max`, `uwo` (mean - lambda * var) or "
-        "`head:<i>`. Default: the server's.",
+        description="`min` (default: pessimistic), `mean`, `max`, `uwo` (mean - lambda * var), `lcb` "
+        "(novelty pessimism), `stdp` (disagreement pessimism in reference units) or `head:<i>`. Default: "
+        "the server's.",
     )
     uwo_lambda: float | None = Field(
         default=None, ge=0.0, le=1e6, allow_inf_nan=False, description="Lambda for `uwo`."
@@ -59,6 +60,13 @@ class ScoreRequest(BaseModel):
         le=1e6,
         allow_inf_nan=False,
         description="Beta for `lcb`: mean - beta * reward_std * novelty / (reference median novelty).",
+    )
+    stdp_beta: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1e6,
+        allow_inf_nan=False,
+        description="Beta for `stdp`: mean - beta * reward_std * head std / (reference median head std).",
     )
     return_heads: bool = Field(default=True, description="Include every head's reward per item.")
 
@@ -102,13 +110,14 @@ class Usage(BaseModel):
 
 
 class ScoreResponse(_OmitWhenNone):
-    _omit_when_none = ("lcb_beta",)
+    _omit_when_none = ("lcb_beta", "stdp_beta")
 
     model: str
     version: str
     aggregation: str
     uwo_lambda: float | None = Field(default=None, description="Lambda used, when aggregation is `uwo`.")
     lcb_beta: float | None = Field(default=None, description="Beta used, when aggregation is `lcb`.")
+    stdp_beta: float | None = Field(default=None, description="Beta used, when aggregation is `stdp`.")
     head_names: list[str]
     results: list[ScoreResult]
     usage: Usage

@@ -165,16 +165,22 @@ class ScoringService:
 
     # -- request policy --------------------------------------------------------------------------
     def request_aggregation(
-        self, requested: str | None, uwo_lambda: float | None, lcb_beta: float | None = None
+        self,
+        requested: str | None,
+        uwo_lambda: float | None,
+        lcb_beta: float | None = None,
+        stdp_beta: float | None = None,
     ) -> Aggregation:
-        """A request's aggregation: what it asked for, else the server's; its lambda and beta, else the
+        """A request's aggregation: what it asked for, else the server's; its lambda and betas, else the
         server's."""
         lam = self.aggregation.uwo_lambda if uwo_lambda is None else uwo_lambda
         beta = self.aggregation.lcb_beta if lcb_beta is None else lcb_beta
+        sbeta = self.aggregation.stdp_beta if stdp_beta is None else stdp_beta
         if requested is None:
-            return replace(self.aggregation, uwo_lambda=lam, lcb_beta=beta)
+            return replace(self.aggregation, uwo_lambda=lam, lcb_beta=beta, stdp_beta=sbeta)
         try:
-            return Aggregation.parse(requested, self.engine.num_heads, lam, beta).for_novelty(self.novelty)
+            agg = Aggregation.parse(requested, self.engine.num_heads, lam, beta, sbeta)
+            return agg.bind(self.novelty, self.quantiles)
         except ValueError as e:
             raise InvalidInput(f"aggregation: {e}", field="aggregation") from e
 

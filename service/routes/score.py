@@ -45,7 +45,7 @@ async def score(
 ) -> ScoreResponse:
     if body.model is not None:
         service = service_named(request, body.model)
-    agg = service.request_aggregation(body.aggregation, body.uwo_lambda, body.lcb_beta)
+    agg = service.request_aggregation(body.aggregation, body.uwo_lambda, body.lcb_beta, body.stdp_beta)
     scores = await service.score_items([it.to_item() for it in body.items], "items", request)
     results = [
         ScoreResult(
@@ -67,6 +67,7 @@ async def score(
         aggregation=agg.name,
         uwo_lambda=agg.uwo_lambda if agg.kind == "uwo" else None,
         lcb_beta=agg.lcb_beta if agg.kind == "lcb" else None,
+        stdp_beta=agg.stdp_beta if agg.kind == "stdp" else None,
         head_names=service.head_names,
         results=results,
         usage=Usage(

@@ -175,3 +175,35 @@ def test_unpadded_engine_batches_report_no_padding() -> None:
     assert (
         value(padded, "hydra_rm_padding_ratio_sum") > 0.3 and value(varlen, "hydra_rm_padding_ratio_sum") == 0
     )
+
+
+def test_stdp_takes_beta_reference_stds_per_median_disagreement(trained, tiny_engine) -> None:
+    """`stdp` = mean - beta * reward_std * std / std_median, served per request, in reference units."""
+    from model_store.aggregation import Aggregation
+
+    engine, ref = trained
+    q, nov = engine.manifest.disagreement, engine.manifest.novelty
+    assert q is not None and q.median is not None and nov is not None
+    scale = nov.reward_std / q.median
+    items = ref[:12] + [{"text": "word " * 30}, {"text": "zx qv"}]
+    with live_server(engine=engine) as live, live.client() as c:
+        res = c.post("/v1/score", json={"items": items, "aggregation": "stdp", "stdp_beta": 0.5}).json()
+        assert res["aggregation"] == "stdp" and res["stdp_beta"] == 0.5 and "lcb_beta" not in res
+        for r in res["results"]:
+            assert r["reward"] == pytest.approx(r["mean"] - 0.5 * scale * r["std"], abs=1e-6)
+        assert any(r["reward"] < r["mean"] - 1e-4 for r in res["results"])  # it does take something off
+        zero = c.post("/v1/score", json={"items": items, "aggregation": "stdp", "stdp_beta": 0.0}).json()
+        assert [r["reward"] for r in zero["results"]] == [r["mean"] for r in zero["results"]]
+        plain = c.post("/v1/score", json={"items": items}).json()
+        assert "stdp_beta" not in plain  # only when it was used
+    # apply_rows (training, eval, the experiment) is the same reduction as apply (serving).
+    agg = Aggregation.parse("stdp", 3, stdp_beta=2.0).bind(nov, q)
+    rewards = torch.tensor([[0.1, 0.3, -0.2], [1.0, 1.0, 1.0]])
+    rows = agg.apply_rows(rewards)
+    std = rewards.std(1, correction=0)
+    torch.testing.assert_close(rows, rewards.mean(1) - 2.0 * scale * std)
+    # A model without disagreement quantiles refuses it, naming the field.
+    with live_server(engine=tiny_engine) as live, live.client() as c:
+        bad = c.post("/v1/score", json={"items": [{"text": "hi"}], "aggregation": "stdp"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "aggregation"
+    assert "disagreement" in bad.json()["error"]["message"]
