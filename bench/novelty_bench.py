@@ -4,7 +4,7 @@ One model, one workload, two engines over the same weights (one with a statistic
 calibrate` fits it). Rounds alternate ABBA so drift in machine load hits both alike; the ratio is taken
 per round pair. Also the fused pass alone (pooled rows in, heads [+ u] out) at H = 256 and H = 4,096.
 
-    nice -n 10 .venv/bin/python bench/novelty_bench.py --items 100 --rounds 12 --threads 0 1 \\
+    .venv/bin/python bench/novelty_bench.py --items 100 --rounds 12 --threads 0 1 \\
         --out bench/results/novelty-cpu.md
 """
 
@@ -153,8 +153,8 @@ def main() -> None:
     lines = [
         "# Serving cost of the novelty statistic (bench/novelty_bench.py)",
         "",
-        f"`nice -n 10 .venv/bin/python bench/novelty_bench.py --items {args.items} --rounds {args.rounds} "
-        f"--threads {threads_flag}` on {platform.processor() or platform.machine()}, CPU (torch reference of "
+        f"`{'nice -n ' + str(os.nice(0)) + ' ' if os.nice(0) else ''}.venv/bin/python bench/novelty_bench.py "
+        f"--items {args.items} --rounds {args.rounds} --threads {threads_flag}` on {platform.processor() or platform.machine()}, CPU (torch reference of "
         f"the fused pass), {os.cpu_count()} CPUs; load average {load0[0]:.2f} at start, {load1[0]:.2f} at end.",
         "",
         f"Engine: default-recipe Llama, hidden {args.hidden}, {args.layers} layers, K=4; {args.items} "
