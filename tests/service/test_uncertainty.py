@@ -56,7 +56,12 @@ def test_engine_std_is_on_the_basis_the_quantiles_were_fitted_on(trained) -> Non
     stds = [s.std for s in engine.score([Item(**it) for it in ref])]
     # Served (normalisation folded into the heads, population std) vs. what the trainer stored.
     refit = fit_quantiles(stds, q.probs)
-    torch.testing.assert_close(torch.tensor(refit.values), torch.tensor(q.values), atol=1e-4, rtol=1e-4)
+    # Rounding grows by 1 / (a head's raw std): a head that barely varies after one epoch amplifies the
+    # float differences of another batch shape or thread count (here a head's raw std is ~3e-5; a serial
+    # run, with 2 torch threads set by an earlier test, failed at 1e-4).
+    norm = engine.manifest.normalization
+    tol = max(1e-4, 1e-7 / min(norm.std)) if norm is not None else 1e-4
+    torch.testing.assert_close(torch.tensor(refit.values), torch.tensor(q.values), atol=tol, rtol=1e-4)
     # A sample std (correction 1) is sqrt(3/2) = 1.22x larger: this check tells the two apart.
     sample = fit_quantiles([s * 1.5**0.5 for s in stds], q.probs)
     assert not torch.allclose(torch.tensor(sample.values), torch.tensor(q.values), atol=1e-4, rtol=1e-4)
