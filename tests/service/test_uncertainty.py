@@ -57,8 +57,8 @@ def test_engine_std_is_on_the_basis_the_quantiles_were_fitted_on(trained) -> Non
     # Served (normalisation folded into the heads, population std) vs. what the trainer stored.
     refit = fit_quantiles(stds, q.probs)
     # Rounding grows by 1 / (a head's raw std): a head that barely varies after one epoch amplifies the
-    # float differences of another batch shape or thread count (here a head's raw std is ~3e-5; a serial
-    # run, with 2 torch threads set by an earlier test, failed at 1e-4).
+    # float differences of another batch shape or thread count (here a head's raw std is ~3e-5, and with
+    # 2 torch threads the quantiles differed by 3.8e-5; one serial run of the whole suite failed at 1e-4).
     norm = engine.manifest.normalization
     tol = max(1e-4, 1e-7 / min(norm.std)) if norm is not None else 1e-4
     torch.testing.assert_close(torch.tensor(refit.values), torch.tensor(q.values), atol=tol, rtol=1e-4)
