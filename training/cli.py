@@ -60,14 +60,14 @@ def train(
         float, typer.Option(min=0.0, help="Weight of a penalty on the heads' batch correlation.")
     ] = 0.0,
     branch_layers: Annotated[
-        int | None,
+        int,
         typer.Option(
             min=0,
             help="Each head owns a copy of the last N encoder layers (+ pooler / final norm); 0: every head "
-            "reads the one shared pooled state. Default: 2 for K >= 2 fine-tuned heads on a base of >= 4 "
-            "layers, else 0.",
+            "reads the one shared pooled state (opt-in: on MiniLM branches decorrelated the heads but did "
+            "not improve best-of-n; docs/experiments/overopt-pretrained.md).",
         ),
-    ] = None,
+    ] = 0,
     ensemble: Annotated[
         str, typer.Option(help="none, or full: K independent single-head models (seeds seed..seed+K-1).")
     ] = "none",

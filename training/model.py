@@ -128,12 +128,11 @@ def load_base(
     lora_r: int = 8,
     lora_alpha: int = 16,
     head_init_std: float | None = None,
-    branch_layers: int | None = 0,
+    branch_layers: int = 0,
     feature_blocks: bool = False,
 ) -> Loaded:
     """Base checkpoint + a new K-way head (seeded), frozen/LoRA as asked; safetensors only. With
-    `branch_layers`, heads 1..K-1 get their own copies of the last layers (branch 0 is the model;
-    None: `resolve_branch_layers` decides)."""
+    `branch_layers`, heads 1..K-1 get their own copies of the last layers (branch 0 is the model)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path, _, _, _ = resolve_source(base, store)
@@ -175,7 +174,6 @@ def load_base(
         truncation_side=base_manifest.truncation_side if base_manifest else "left",
     )
     branches = None
-    branch_layers = resolve_branch_layers(branch_layers, model, mode, num_heads, feature_blocks)
     if branch_layers:
         from model_store.branches import copy_branches
 
@@ -201,31 +199,6 @@ def load_base(
         for p in head_module(model).parameters():  # the new heads train in full
             p.requires_grad_(True)
     return Loaded(model, peft_model, tokenizer, manifest, path, branches)
-
-
-AUTO_BRANCH_LAYERS = 2  # issue 17: own last 2 of MiniLM's 6 layers (docs/experiments/heads-pretrained.md)
-AUTO_MIN_LAYERS = 4  # below this a trunk has too little to share (the 1-2 layer toys, where shard won)
-
-
-def resolve_branch_layers(
-    requested: int | None, model: nn.Module, mode: str, heads: int, feature_blocks: bool
-) -> int:
-    """`--branch-layers` as given, or (None) the measured default: AUTO_BRANCH_LAYERS own layers per
-    head for K >= 2 fine-tuned heads on a trunk of at least AUTO_MIN_LAYERS layers, else none."""
-    if requested is not None:
-        return requested
-    if mode != "finetune" or heads < 2 or feature_blocks:
-        return 0
-    from model_store.branches import layer_stack
-
-    try:
-        n = len(layer_stack(model))
-    except Exception:  # an architecture without a layer list we know: no branches
-        return 0
-    classifier = getattr(model, "classifier", None)
-    if classifier is not None and not isinstance(classifier, nn.Linear):  # RoBERTa-style block head
-        return 0
-    return AUTO_BRANCH_LAYERS if n >= AUTO_MIN_LAYERS else 0
 
 
 def param_groups(model: nn.Module, lr_encoder: float, lr_heads: float) -> list[dict[str, Any]]:

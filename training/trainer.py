@@ -11,7 +11,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,9 @@ class TrainConfig:
     diversity: str = "shard"
     feature_blocks: bool = False  # head k reads only its own block of the pooled features (diversity.py)
     decorrelation: float = 0.0  # weight of the heads' batch-correlation penalty (diversity.py)
-    # Per-head top layers (model_store/branches.py): N > 0 own layers per head, 0 none, None = auto
-    # (training.model.resolve_branch_layers: 2 on a trunk of >= 4 layers, else none).
-    branch_layers: int | None = None
+    # Per-head top layers (model_store/branches.py): N > 0 own layers per head, 0 (the default) none.
+    # Opt-in: on MiniLM they decorrelated the heads but did not improve best-of-n (docs/experiments).
+    branch_layers: int = 0
     reference_fraction: float = 0.1
     head_init_std: float | None = None
     save_steps: int = 0  # also a checkpoint at every epoch end (when a checkpoint dir is given)
@@ -194,9 +194,6 @@ class Trainer:
             head_init_std=cfg.head_init_std, branch_layers=cfg.branch_layers,
             feature_blocks=cfg.feature_blocks,
         )  # fmt: skip
-        # The branch layers actually used (an auto default resolved), so provenance records them.
-        br = self.loaded.manifest.branches
-        self.cfg = cfg = replace(cfg, branch_layers=br.layers if br is not None else 0)
         # Tokenized exactly as the engine tokenizes for scoring (the engine passes the same cap).
         self.tok = ItemTokenizer(
             self.loaded.tokenizer,

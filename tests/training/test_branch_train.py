@@ -109,24 +109,3 @@ def test_branched_heads_on_minilm_correlate_below_joint(store) -> None:
                           progress=False, cpu=True, reference_fraction=0.34, **kw)  # fmt: skip
         corr[name] = Trainer(cfg, data, src, store).run().metrics["reference_head_correlation"]
     assert corr["branches"] < corr["joint"], corr
-
-
-def test_the_default_branches_a_deep_trunk_and_leaves_a_shallow_one(tiny_bert_dir) -> None:
-    """Auto (None): 2 own layers on a trunk of >= 4 layers (the pretrained case), none on the 1-2 layer
-    toys where the disjoint-shard heads won; an explicit value, or heads-only / block heads, decide."""
-    from transformers import AutoModelForSequenceClassification
-
-    from tests.builders import build_tiny_bert
-    from training.model import resolve_branch_layers
-
-    shallow = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir)
-    deep = AutoModelForSequenceClassification.from_pretrained(
-        build_tiny_bert(Path(tiny_bert_dir).parent / "deep", layers=4)
-    )
-    assert resolve_branch_layers(None, shallow, "finetune", 3, False) == 0
-    assert resolve_branch_layers(None, deep, "finetune", 3, False) == 2
-    assert resolve_branch_layers(None, deep, "finetune", 1, False) == 0  # one head: nothing to branch
-    assert resolve_branch_layers(None, deep, "frozen", 3, False) == 0
-    assert resolve_branch_layers(None, deep, "finetune", 3, True) == 0  # feature blocks: their own recipe
-    assert resolve_branch_layers(1, shallow, "finetune", 3, False) == 1
-    assert resolve_branch_layers(0, deep, "finetune", 3, False) == 0
