@@ -299,17 +299,24 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     curves = _curves(results)
+    # Colour = method, line style = aggregation (UWO left out: it tracks mean here).
+    styles = {"mean": "-", "min": "--", "stdp": ":", "lcb": "-."}
+    colours = {m: f"C{i}" for i, m in enumerate(_methods(results))}
     fig, ax = plt.subplots(figsize=(8, 5))
     for k, cs in curves.items():
-        if k.endswith("/uwo"):
+        method, agg = k.split("/")
+        if agg not in styles:
             continue
         m = [mean_se([c[i] for c in cs])[0] for i in range(len(results["ns"]))]
-        style = "--" if k.endswith("/lcb") else ("-" if k.endswith(("/min", "single/mean")) else ":")
-        ax.plot(results["kl"], m, style, marker=".", label=k)
+        ax.plot(results["kl"], m, styles[agg], color=colours[method], marker=".", label=k)
     ax.set_xlabel("KL(best-of-n || base) = log n - (n-1)/n")
     ax.set_ylabel("gold (VADER) of the pick, mean over seeds")
-    ax.set_title(f"MiniLM proxy, best-of-n, {len(results['per_seed'])} seeds", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(
+        f"MiniLM proxy, best-of-n, {len(results['per_seed'])} seeds (colour: method; "
+        "line: - mean, -- min, : stdp, -. lcb)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
