@@ -78,6 +78,8 @@ SLOW = (
     "tests/service/test_server.py::test_sigterm_drains_in_flight_requests_then_exits_cleanly",
     "tests/service/test_server.py::test_serve_with_no_model_serves_the_embedded_default",
     "tests/service/test_schema.py",
+    # Two vLLM starts of 30-60 s each; they skip without .venv-vllm, and `make test-vllm` runs them.
+    "tests/scoring/test_vllm_engine.py",
     "tests/training/test_toptrain.py::test_feature_block_heads_on_minilm_correlate_below_joint",
     "tests/training/test_branch_train.py::test_branched_heads_on_minilm_correlate_below_joint",
     # The pretrained experiment end to end on MiniLM (13 s and 6 s of MiniLM training).
