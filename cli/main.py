@@ -432,7 +432,10 @@ def calibrate(
     name: Annotated[
         str | None, typer.Option(help="Store name to publish under (default: the model's own store name).")
     ] = None,
-    lam: Annotated[float, typer.Option("--lambda", help="Ridge lambda of the Gram matrix.")] = 1.0,
+    lam: Annotated[
+        float | None,
+        typer.Option("--lambda", help="Ridge lambda of the Gram matrix (default: model_store.novelty's, 0.01)."),
+    ] = None,
     holdout: Annotated[
         float, typer.Option(help="Share of the texts kept out of the fit for the quantiles.")
     ] = 0.2,
@@ -451,8 +454,10 @@ def calibrate(
     from cli.import_check import check_importable
     from model_store import ModelStore
     from model_store.errors import ModelStoreError
+    from model_store.novelty import DEFAULT_LAMBDA
     from training.calibrate import calibrate
 
+    lam = DEFAULT_LAMBDA if lam is None else lam
     settings = _settings(store_root=store)  # $HYDRA_RM_STORE_ROOT or the default, as `serve`
     model_store = ModelStore(settings.store_root)
     try:

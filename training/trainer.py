@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from model_store.manifest import HeadNormalization, RewardManifest
+from model_store.novelty import DEFAULT_LAMBDA
 from model_store.store import ModelStore
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
 from model_store.uncertainty import fit_quantiles
@@ -57,7 +58,7 @@ class TrainConfig:
     cpu: bool = False
     progress: bool = True
     # Feature-space novelty (model_store/novelty.py) fitted on the training responses; None: not written.
-    novelty_lambda: float | None = 1.0
+    novelty_lambda: float | None = DEFAULT_LAMBDA
 
     def names(self) -> list[str]:
         names = self.head_names or [f"head_{i}" for i in range(self.heads)]

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from model_store import ModelStore, RewardManifest
 from model_store.loader import load_reward_model
-from model_store.novelty import NOVELTY_FILE
+from model_store.novelty import DEFAULT_LAMBDA, NOVELTY_FILE
 from model_store.uncertainty import fit_quantiles
 from scoring.batching import BatchPolicy
 from scoring.engine import Item, ScoringEngine
@@ -53,7 +53,7 @@ def test_train_writes_it_and_calibrate_republishes(tmp_path: Path) -> None:
     out = json.loads(res.output)
     assert out["published"] == "toy:v2" and out["fit_rows"] == 192 and out["quantile_rows"] == 48
     assert RewardManifest.read(ModelStore(store).resolve("toy:v2").path).novelty.lam == 0.3  # type: ignore[union-attr]
-    assert RewardManifest.read(path).novelty.lam == 1.0  # type: ignore[union-attr]  # v1 untouched
+    assert RewardManifest.read(path).novelty.lam == DEFAULT_LAMBDA  # type: ignore[union-attr]  # v1 untouched
 
 
 def test_calibrate_cli_on_a_plain_hf_directory(tiny_bert_dir: Path, tmp_path: Path) -> None:
@@ -65,6 +65,7 @@ def test_calibrate_cli_on_a_plain_hf_directory(tiny_bert_dir: Path, tmp_path: Pa
     assert no_name.exit_code == 1 and "--name" in no_name.output
     res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_bert_dir), "--data", str(texts), "--name", "bert", "--store", str(store)])  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["lambda"] == DEFAULT_LAMBDA  # no --lambda: the library default
     rm = load_reward_model("bert", ModelStore(store))
     assert (
         rm.novelty is not None and rm.manifest.novelty is not None and rm.manifest.novelty.feature == "pooler"
