@@ -434,7 +434,9 @@ def calibrate(
     ] = None,
     lam: Annotated[
         float | None,
-        typer.Option("--lambda", help="Ridge lambda of the Gram matrix (default: model_store.novelty's, 0.01)."),
+        typer.Option(
+            "--lambda", help="Ridge lambda of the Gram matrix (default: model_store.novelty's, 0.01)."
+        ),
     ] = None,
     holdout: Annotated[
         float, typer.Option(help="Share of the texts kept out of the fit for the quantiles.")
