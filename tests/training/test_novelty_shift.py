@@ -42,8 +42,9 @@ def test_split_aurocs_per_kind_and_pooled() -> None:
 
 def test_choose_lambda_takes_the_best_validation_value_and_ties_keep_the_default() -> None:
     assert ns.choose_lambda({0.1: 0.8, 1.0: 0.7, 10.0: 0.6}) == 0.1
-    assert ns.choose_lambda({0.1: 0.7, 1.0: 0.7, 10.0: 0.7}) == ns.DEFAULT_LAMBDA
-    assert ns.choose_lambda({0.01: 0.7, 0.3: 0.7, 10.0: 0.6}) == 0.3
+    d = ns.DEFAULT_LAMBDA  # a tie goes to the value nearest the default in log scale (30x beats 1/100x)
+    assert ns.choose_lambda({d / 10: 0.7, d: 0.7, d * 10: 0.7}) == d
+    assert ns.choose_lambda({d / 100: 0.7, d * 30: 0.7, d * 1000: 0.6}) == d * 30
 
 
 def test_measure_chooses_lambda_on_validation_and_scores_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
