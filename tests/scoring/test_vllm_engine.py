@@ -338,11 +338,18 @@ def test_the_launcher_takes_the_server_down_when_hydra_rm_is_killed(tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env, stdout=subprocess.PIPE)
     launcher = psutil.Process(int(parent.stdout.readline()))
+
+    def serving() -> bool:  # a child exists and has exec'd the server (right after fork it is a copy)
+        try:
+            return any("api_server" in " ".join(c.cmdline()) for c in launcher.children(recursive=True))
+        except psutil.NoSuchProcess:
+            return False
+
     deadline = time.monotonic() + 60
-    while not launcher.children() and time.monotonic() < deadline:
+    while not serving() and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert serving()
     group = [launcher, *launcher.children(recursive=True)]
-    assert any("api_server" in " ".join(p.cmdline()) for p in group[1:])
     parent.kill()
     parent.wait()
     _, alive = psutil.wait_procs(group, timeout=30)
