@@ -305,6 +305,7 @@ class ModelStore:
         tmp = model_dir / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
         try:
             shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(*_NOT_COPIED))
+            _umask_modes(tmp)
             files = checksum_tree(tmp)
             if manifest.files:  # the source's own checksums: a tampered copy of a version is refused
                 problems = _compare_files(files, manifest.files)
@@ -335,6 +336,29 @@ class ModelStore:
         os.rename(ref.path, trash)  # disappears atomically, then is deleted
         shutil.rmtree(trash, ignore_errors=True)
         return ref
+
+
+def _umask(default: int = 0o022) -> int:
+    """The process umask, read without changing it (os.umask would, for every thread, for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return default
+
+
+def _umask_modes(root: Path) -> None:
+    """Give a version's files the modes a file created here would get (0644 under umask 022).
+    safetensors >= 0.8 writes its files 0600 and copytree keeps modes, so a model trained by one user
+    was unreadable to a server running as another (a container's user on a shared store volume)."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -127,6 +127,24 @@ def test_symlinks_refused(store: ModelStore, tiny_llama_dir: Path, tmp_path: Pat
         load_reward_model("rm", store)
 
 
+def test_published_files_get_umask_modes(store: ModelStore, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """safetensors writes 0600; a version must be readable wherever a normally created file would be
+    (a server running as another user than the trainer), and never wider than the umask allows."""
+    src = tmp_path / "private"
+    shutil.copytree(tiny_llama_dir, src)
+    (src / "model.safetensors").chmod(0o600)
+    (src / "config.json").chmod(0o700)
+    old = os.umask(0o022)
+    try:
+        ref = store.publish(src, "rm")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in ref.path.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and modes["config.json"] == 0o644, modes
+    assert ref.path.stat().st_mode & 0o777 == 0o755
+    load_reward_model("rm", store)  # checksums still verify
+
+
 @pytest.mark.parametrize("tamper", ["added_file", "empty_files", "manifest_deleted", "template_changed"])
 def test_store_versions_load_only_fully_verified(
     store: ModelStore, tiny_llama_dir: Path, tamper: str
