@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_NAME = "hydra-default"
 # Bump when the recipe below changes, so a store never serves a stale build under a new recipe.
-DEFAULT_VERSION = "2"
+DEFAULT_VERSION = "3"
 HEAD_NAMES = ["review_sentiment_1", "review_sentiment_2", "review_sentiment_3", "review_sentiment_4"]
 # The untrained architecture builder (tests' tiny decoders) keeps its historical, meaningless names.
 UNTRAINED_HEAD_NAMES = ["helpful", "harmless", "honest", "concise"]

@@ -85,6 +85,8 @@ SLOW = (
     # The pretrained experiment end to end on MiniLM (13 s and 6 s of MiniLM training).
     "tests/training/test_overopt_pretrained.py::test_full_finetune_with_bias_and_branches_runs_tiny",
     "tests/training/test_overopt_pretrained.py::test_quick_run_writes_every_table",
+    # Refits the default's novelty statistic from its 8,800 recipe responses (~15 s).
+    "tests/training/test_default_model.py::test_default_carries_the_novelty_statistic_fitted_on_its_own_data",
 )
 SLOW_FIXTURES = {"ray_cluster"}
 

@@ -33,7 +33,8 @@ from model_store.tokenization import Item
 DEFAULT_HOLDOUT = 0.2
 
 
-def _engine(rm: RewardModel) -> Any:
+def engine_for(rm: RewardModel) -> Any:
+    """An in-process engine over `rm` with the batch policy calibration uses (big batches, no server)."""
     from scoring.batching import BatchPolicy
     from scoring.engine import ScoringEngine
 
@@ -116,7 +117,7 @@ def calibrate(
     if target is None:
         raise ValueError(f"{spec!r} is not in the store: give --name to publish the calibrated copy under")
     fit_items, q_items = split_items(read_items(data), holdout, seed)
-    stat, info = fit_for_engine(_engine(rm), fit_items, q_items, lam, rank)
+    stat, info = fit_for_engine(engine_for(rm), fit_items, q_items, lam, rank)
     with tempfile.TemporaryDirectory(prefix="hydra-calibrate-") as tmp:
         copy = Path(tmp) / "model"
         shutil.copytree(rm.path, copy, ignore=shutil.ignore_patterns(".*", MANIFEST_NAME))
@@ -142,4 +143,4 @@ def novelty_for_training(
         model=model, tokenizer=tokenizer, manifest=manifest, name="train", version="train", path=Path("."),
         branches=branches,
     )  # fmt: skip
-    return fit_for_engine(_engine(rm), train_items, reference_items, lam)
+    return fit_for_engine(engine_for(rm), train_items, reference_items, lam)

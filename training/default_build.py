@@ -4,7 +4,9 @@ Recipe: the default architecture (Llama-style, hidden 128, 2 layers, chat templa
 on the shipped corpus plus toy reviews from a seed used nowhere else), K=4 heads trained with the
 disjoint-shard recipe on 4,000 VADER-labelled review pairs (10% of labels flipped), reference split =
 400 separate pairs; then accuracy against noise-free gold labels on 1,000 fresh test pairs, scored
-through the engine and written into the manifest's provenance.
+through the engine and written into the manifest's provenance. The trainer also fits the novelty
+statistic (training responses; quantiles on the reference split). `--novelty-only` fits just that on
+the shipped weights, as the trainer would, without retraining them.
 """
 
 from __future__ import annotations
@@ -17,15 +19,38 @@ from pathlib import Path
 import torch
 
 from model_store.default_model import HEAD_NAMES, build_default_model, shipped_default_dir
-from model_store.manifest import RewardManifest
+from model_store.loader import load_reward_model
+from model_store.manifest import RewardManifest, attach_novelty
+from model_store.novelty import DEFAULT_LAMBDA, NoveltyInfo
 from model_store.store import ModelStore
-from training.data import parse_pair
+from model_store.tokenization import Item
+from training.calibrate import engine_for, fit_for_engine
+from training.data import Pair, parse_pair
 from training.evaluate import metrics
 from training.scoring import EngineScorer
 from training.toydata import Generator, preference_rows
 from training.trainer import TrainConfig, Trainer, save_model
 
 TRAIN_SEED, REF_SEED, TEST_SEED, TOKENIZER_SEED = 101, 102, 103, 104
+
+
+def _responses(pairs: list[Pair]) -> list[Item]:
+    return [Item(**p.chosen) for p in pairs] + [Item(**p.rejected) for p in pairs]
+
+
+def add_novelty(out: Path, *, n_pairs: int = 4000, lam: float = DEFAULT_LAMBDA) -> NoveltyInfo:
+    """Fit the novelty statistic into the model at `out` from the recipe's own data, as `hydra-rm
+    train` does: Phi = the training pairs' responses, quantiles of u on the reference split's."""
+    train = [parse_pair(r, "train") for r in preference_rows(n_pairs, TRAIN_SEED, noise=0.1)]
+    ref = [parse_pair(r, "ref") for r in preference_rows(400, REF_SEED, noise=0.1)]
+    store = ModelStore(Path(tempfile.gettempdir()) / "hydra-default-build-eval")
+    rm = load_reward_model(str(out), store)
+    stat, info = fit_for_engine(engine_for(rm), _responses(train), _responses(ref), lam)
+    manifest = RewardManifest.read(out)
+    assert manifest is not None
+    manifest.model_copy(update={"novelty": None}).write(out)
+    attach_novelty(out, stat, info)
+    return info
 
 
 def build(out: Path, *, n_pairs: int = 4000, epochs: int = 2, seed: int = 0) -> dict:
@@ -79,8 +104,14 @@ def build(out: Path, *, n_pairs: int = 4000, epochs: int = 2, seed: int = 0) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=shipped_default_dir())
+    ap.add_argument(
+        "--novelty-only", action="store_true", help="fit only the novelty statistic, keep the weights"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.novelty_only:
+        print(add_novelty(args.out).model_dump_json(indent=2))
+        return
     print(json.dumps(build(args.out), indent=2))
 
 

@@ -31,7 +31,7 @@ from model_store.loader import RewardModel
 from model_store.novelty import DEFAULT_LAMBDA, fit_novelty, novelty
 from model_store.store import ModelStore
 from model_store.tokenization import Item
-from training.calibrate import _engine
+from training.calibrate import engine_for
 from training.data import parse_pair
 from training.evaluate import auroc
 from training.shift import KINDS, LABELS, shifted
@@ -181,13 +181,13 @@ def run_draw(seed: int, *, train_pairs: int, val_pairs: int, held_pairs: int, ep
         rm = RewardModel(
             loaded.model.eval(), loaded.tokenizer, loaded.manifest, "minilm", "untrained", Path(tmp)
         )
-        out[UNTRAINED] = measure(_engine(rm), train, val, ev, lams)
+        out[UNTRAINED] = measure(engine_for(rm), train, val, ev, lams)
         log(f"seed {seed}: untrained done")
         cfg = TrainConfig(heads=3, epochs=epochs, seed=seed, lr_encoder=5e-5, lr_heads=1e-3, batch_size=16,
                           max_length=max_length, cpu=True, progress=False, novelty_lambda=None)  # fmt: skip
         res = Trainer(cfg, pairs, base, store).run()
         rm = RewardModel(res.model, res.tokenizer, res.manifest, "minilm", "trained", Path(tmp))
-        out[TRAINED] = measure(_engine(rm), train, val, ev, lams)
+        out[TRAINED] = measure(engine_for(rm), train, val, ev, lams)
         out["train_metrics"] = {
             k: res.metrics.get(k) for k in ("reference_accuracy_mean", "reference_head_correlation")
         }

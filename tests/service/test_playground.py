@@ -301,26 +301,29 @@ def test_errors_show_the_servers_message_and_field(session: drv.Session, default
 
 
 def test_optional_novelty_columns_show_when_the_server_sends_them(session: drv.Session) -> None:
-    """A server that adds `novelty` / `novelty_percentile` per item gets two more columns."""
+    """The embedded default carries the novelty statistic: its answers' `novelty` /
+    `novelty_percentile` get two columns, exactly the served floats; an answer without them gets none."""
     page = session.page
-
-    def add_novelty(route: Any) -> None:
-        data = route.fetch().json()
-        for i, r in enumerate(data["results"]):
-            r["novelty"], r["novelty_percentile"] = 0.25 * (i + 1), 30.0 * (i + 1)
-        route.fulfill(json=data)
-
-    page.route("**/v1/score", add_novelty)
     drv.fill(session, PROMPT, CANDIDATES)
     _, _, answer = drv.click_score(session)
+    assert all(r["novelty"] is not None for r in answer["results"])  # the default's statistic
     rows = drv.read_table(session)
     for row in rows:
         res = answer["results"][row["index"]]
         assert _value(row["cells"]["novelty"]) == res["novelty"]
         assert _value(row["cells"]["novelty_percentile"]) == res["novelty_percentile"]
-    page.unroute("**/v1/score")
+
+    def drop_novelty(route: Any) -> None:  # a server whose model has no statistic: the keys are absent
+        data = route.fetch().json()
+        for r in data["results"]:
+            r.pop("novelty", None)
+            r.pop("novelty_percentile", None)
+        route.fulfill(json=data)
+
+    page.route("**/v1/score", drop_novelty)
     drv.click_score(session)
     assert "novelty" not in drv.read_table(session)[0]["cells"]  # absent from the answer: no column
+    page.unroute("**/v1/score")
 
     def null_novelty(route: Any) -> None:  # a server whose model has no novelty reference
         data = route.fetch().json()
@@ -332,6 +335,7 @@ def test_optional_novelty_columns_show_when_the_server_sends_them(session: drv.S
     drv.click_score(session)
     cells = drv.read_table(session)[0]["cells"]
     assert "novelty" not in cells and "novelty_percentile" not in cells  # all null: no empty column
+    page.unroute("**/v1/score")
 
 
 def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(
