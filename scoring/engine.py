@@ -23,6 +23,7 @@ from model_store.loader import RewardModel
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
 from scoring.base import PlannedEngine
 from scoring.batching import BatchPolicy
+from scoring.cpu_gemm import pack_linears
 from scoring.heads import HeadForward, allow_tf32, resolve_head
 from scoring.prefix import PrefixScorer
 from scoring.results import ItemScore
@@ -43,6 +44,7 @@ class ScoringEngine(PlannedEngine):
         padding_side: Literal["right", "left"] = "right",
         max_length: int | None = None,
         truncation_side: str | None = None,
+        cpu_packed_linear: bool = False,
     ) -> None:
         self.rm = rm
         self.model = rm.model
@@ -51,6 +53,12 @@ class ScoringEngine(PlannedEngine):
         self.device = next(self.model.parameters()).device
         if self.device.type == "cuda":
             allow_tf32()
+        # Opt-in oneDNN-prepacked encoder linears on CPU (scoring/cpu_gemm.py); the heads stay as they are.
+        self.packed_linears = 0
+        if cpu_packed_linear and self.device.type == "cpu":
+            self.packed_linears = pack_linears(self.model.base_model)
+            if rm.branches is not None:
+                self.packed_linears += pack_linears(rm.branches)
         # How `score` batches; the service's batcher and the JSONL job plan with this same policy.
         self.policy = policy or BatchPolicy.resolve(str(self.device))
         model_max = getattr(self.model.config, "max_position_embeddings", None)
