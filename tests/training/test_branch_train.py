@@ -59,6 +59,8 @@ def test_branched_heads_train_publish_and_serve_as_the_trained_model(
     last = dict(layer_stack(res.model)[-1].named_parameters())
     for br in res.branches:
         for name, p in br.layers[0].named_parameters():
+            if name.endswith("key.bias"):  # zero gradient: softmax ignores a shift shared by all keys
+                continue
             assert not torch.allclose(p, last[name]), name
     loaded = load_reward_model(str(ref.path), ModelStore(tmp_path / "other"))
     assert loaded.branches is not None and loaded.manifest.format_version == 2
