@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from model_store.aggregation import Aggregation
 from model_store.novelty import fit_novelty, novelty
 from training.evaluate import auroc
 from training.overopt import best_of_n, kl_bon, ns_for
@@ -306,13 +307,10 @@ def u_scaled(members: list[MemberOut], data: SeedData, lam: float) -> torch.Tens
 
 
 def aggregate(r: torch.Tensor, how: str, lam: float = 0.0) -> torch.Tensor:
-    if how == "mean" or r.shape[1] == 1:
-        return r.mean(1)
-    if how == "min":
-        return r.min(1).values
-    if how == "uwo":
-        return r.mean(1) - lam * r.var(1, correction=0)
-    raise ValueError(how)
+    """mean, min or uwo of a [N, K] reward matrix, by the served reduction (model_store.aggregation)."""
+    if how not in ("mean", "min", "uwo"):
+        raise ValueError(how)
+    return Aggregation("mean" if r.shape[1] == 1 else how, uwo_lambda=lam).apply_rows(r)  # type: ignore[arg-type]
 
 
 def lcb(r: torch.Tensor, u: torch.Tensor, ref: list[int], beta: float) -> torch.Tensor:
@@ -324,9 +322,10 @@ def lcb(r: torch.Tensor, u: torch.Tensor, ref: list[int], beta: float) -> torch.
 def stdp(r: torch.Tensor, std: torch.Tensor, ref: list[int], beta: float) -> torch.Tensor:
     """Scale-free disagreement pessimism (issue 17): mean - beta * reward_std * std / median(std_ref).
     Like `lcb` with the head std in place of u: heads that agree to ~0.01 reward units still get a
-    penalty of beta reward-stds where they disagree twice as much as on the reference split."""
-    m = r.mean(1)
-    return m - beta * m[ref].std(correction=0) * std / std[ref].median().clamp(min=1e-12)
+    penalty of beta reward-stds where they disagree twice as much as on the reference split. The served
+    reduction (model_store.aggregation), bound to this model's reference split; `std` is r's head std."""
+    scale = r.mean(1)[ref].std(correction=0) / std[ref].median().clamp(min=1e-12)
+    return Aggregation("stdp", stdp_beta=beta, stdp_scale=float(scale)).apply_rows(r)
 
 
 def analyse(
