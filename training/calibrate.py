@@ -86,10 +86,9 @@ def read_items(path: Path) -> list[Item]:
             try:
                 row = json.loads(line)
                 if isinstance(row, dict) and "chosen" in row and "rejected" in row:
-                    from training.data import parse_pair
+                    from training.data import parse_pair, response_items
 
-                    pair = parse_pair(row, f"line {lineno}")
-                    items += [Item(**pair.chosen), Item(**pair.rejected)]
+                    items += response_items([parse_pair(row, f"line {lineno}")])
                 else:
                     items.append(ScoreItem.model_validate(row).to_item())
             except Exception as e:  # noqa: BLE001 - any bad line is the user's to fix, named by number

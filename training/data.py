@@ -7,9 +7,12 @@ each response exactly as the service will score it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from model_store.tokenization import Item
 
 
 class DataError(ValueError):
@@ -25,6 +28,12 @@ class Pair:
     chosen: dict[str, Any]
     rejected: dict[str, Any]
     where: str = field(default="", compare=False)  # "path:line", for messages about the pair
+
+
+def response_items(pairs: Sequence[Pair]) -> list[Item]:
+    """Both responses of every pair, pair by pair: the reference rows of the novelty statistic (what
+    `hydra-rm train`, the default's build and `calibrate` on a pairs file all fit it on)."""
+    return [Item(**it) for p in pairs for it in (p.chosen, p.rejected)]
 
 
 def _is_messages(x: Any) -> bool:

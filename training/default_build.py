@@ -23,19 +23,14 @@ from model_store.loader import load_reward_model
 from model_store.manifest import RewardManifest, attach_novelty
 from model_store.novelty import DEFAULT_LAMBDA, NoveltyInfo
 from model_store.store import ModelStore
-from model_store.tokenization import Item
 from training.calibrate import engine_for, fit_for_engine
-from training.data import Pair, parse_pair
+from training.data import parse_pair, response_items
 from training.evaluate import metrics
 from training.scoring import EngineScorer
 from training.toydata import Generator, preference_rows
 from training.trainer import TrainConfig, Trainer, save_model
 
 TRAIN_SEED, REF_SEED, TEST_SEED, TOKENIZER_SEED = 101, 102, 103, 104
-
-
-def _responses(pairs: list[Pair]) -> list[Item]:
-    return [Item(**p.chosen) for p in pairs] + [Item(**p.rejected) for p in pairs]
 
 
 def add_novelty(out: Path, *, n_pairs: int = 4000, lam: float = DEFAULT_LAMBDA) -> NoveltyInfo:
@@ -45,11 +40,8 @@ def add_novelty(out: Path, *, n_pairs: int = 4000, lam: float = DEFAULT_LAMBDA) 
     ref = [parse_pair(r, "ref") for r in preference_rows(400, REF_SEED, noise=0.1)]
     store = ModelStore(Path(tempfile.gettempdir()) / "hydra-default-build-eval")
     rm = load_reward_model(str(out), store)
-    stat, info = fit_for_engine(engine_for(rm), _responses(train), _responses(ref), lam)
-    manifest = RewardManifest.read(out)
-    assert manifest is not None
-    manifest.model_copy(update={"novelty": None}).write(out)
-    attach_novelty(out, stat, info)
+    stat, info = fit_for_engine(engine_for(rm), response_items(train), response_items(ref), lam)
+    attach_novelty(out, stat, info)  # replaces an earlier statistic's entry and file
     return info
 
 

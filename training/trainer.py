@@ -22,7 +22,7 @@ from model_store.novelty import DEFAULT_LAMBDA
 from model_store.store import ModelStore
 from model_store.tokenization import EncodedItem, Item, ItemError, ItemTokenizer
 from model_store.uncertainty import fit_quantiles
-from training.data import DataError, Pair
+from training.data import DataError, Pair, response_items
 from training.diversity import decorrelation_penalty, feature_block_mask, head_weights
 from training.evaluate import head_correlation
 from training.loss import multihead_bt_loss
@@ -402,9 +402,8 @@ class Trainer:
         if cfg.novelty_lambda is not None:
             from training.calibrate import novelty_for_training
 
-            train_items = [Item(**it) for p in self.train_pairs for it in (p.chosen, p.rejected)]
             stat, info = novelty_for_training(
-                model, self.loaded.tokenizer, manifest, train_items, [Item(**it) for it in ref_items],
+                model, self.loaded.tokenizer, manifest, response_items(self.train_pairs), [Item(**it) for it in ref_items],
                 cfg.novelty_lambda, branches=branches,
             )  # fmt: skip
             manifest = manifest.model_copy(update={"novelty": info})

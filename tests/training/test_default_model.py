@@ -36,8 +36,8 @@ def test_default_carries_the_novelty_statistic_fitted_on_its_own_data(tmp_path):
     from model_store.novelty import DEFAULT_LAMBDA
     from model_store.tokenization import Item
     from training.calibrate import engine_for, fit_for_engine
-    from training.data import parse_pair
-    from training.default_build import REF_SEED, TRAIN_SEED, _responses
+    from training.data import parse_pair, response_items
+    from training.default_build import REF_SEED, TRAIN_SEED
     from training.toydata import preference_rows
 
     store = ModelStore(tmp_path / "store")
@@ -49,7 +49,7 @@ def test_default_carries_the_novelty_statistic_fitted_on_its_own_data(tmp_path):
     train = [parse_pair(r, "t") for r in preference_rows(4000, TRAIN_SEED, noise=0.1)]
     ref = [parse_pair(r, "r") for r in preference_rows(400, REF_SEED, noise=0.1)]
     engine = engine_for(scorer.rm)
-    _, refit = fit_for_engine(engine, _responses(train), _responses(ref), DEFAULT_LAMBDA)
+    _, refit = fit_for_engine(engine, response_items(train), response_items(ref), DEFAULT_LAMBDA)
     torch.testing.assert_close(torch.tensor(refit.quantiles.values), torch.tensor(info.quantiles.values), rtol=1e-4, atol=1e-6)  # fmt: skip
     review, salad = engine.score([Item(prompt="Review the soup.", response="The soup was lovely and warm."),
                                   Item(prompt="Review the soup.", response="zx qv pelican tram ! ! seventeen")])  # fmt: skip
