@@ -5,9 +5,11 @@ through oneDNN with the weight reordered once into its blocked layout runs 1.3-1
 repeated shape, and one Qwen2-style forward at a fixed [16, 512] shape 1.18-1.39x. In the engine, with
 the shapes real batches have, it bought only 1.04-1.08x on distinct items and cost 0.93-0.95x on GRPO
 groups (bench/results/cpu-gemm-ab-cpu.md, 10 paired rounds; why GRPO loses is not found), so it is
-off by default (HYDRA_RM_CPU_PACKED_LINEAR). The layer keeps its `weight` Parameter (state_dict, saving and training see nothing
-new); the packed copy is used only where it is exact to use: no autograd, fp32 input, and a weight
-unchanged since it was packed (its `_version`, bumped by every in-place update, e.g. an optimizer
+off by default (HYDRA_RM_CPU_PACKED_LINEAR).
+
+The layer keeps its `weight` Parameter (state_dict, saving and training see nothing new); the packed
+copy is used only where it is exact to use: no autograd, fp32 input, and the very Parameter it was
+packed from, unchanged since (its `_version`, bumped by every in-place update, e.g. an optimizer
 step), else the layer falls back to aten. Costs one more copy of the packed weights in memory, and up
 to 12.5% padded rows (`bucket_rows`).
 """

@@ -99,7 +99,7 @@ class Settings(BaseSettings):
         le=64,
         description="Batches hydra-rm keeps in flight to vLLM at once (vLLM schedules their items together; "
         "more keeps its continuous batching fed, fewer keeps each batch's latency down; 4 measured 1.11x "
-        "the items/s of 2 on GRPO groups, bench/results/peer-vllm-cpu.md).",
+        "the items/s of 2 on GRPO groups, bench/results/peer-vllm-forwards-ab-cpu.md).",
     )
     vllm_startup_timeout_s: float = Field(
         default=900.0,

@@ -108,9 +108,8 @@ class VllmOptions:
     prefix_caching: bool = True
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 900.0
-    forwards: int = (
-        4  # batches in flight at once (HYDRA_RM_VLLM_FORWARDS; 4 beat 2 on GRPO, peer-vllm-cpu.md)
-    )
+    # Batches in flight at once (HYDRA_RM_VLLM_FORWARDS; 4 beat 2 on GRPO, peer-vllm-forwards-ab-cpu.md).
+    forwards: int = 4
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
