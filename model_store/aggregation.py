@@ -86,9 +86,7 @@ class Aggregation:
         """Bind `lcb` / `stdp` to a model's reference units; ValueError when it lacks what they read."""
         return self.for_novelty(novelty).for_disagreement(disagreement, novelty)
 
-    def for_disagreement(
-        self, quantiles: StdScale | None, novelty: NoveltyScale | None = None
-    ) -> Aggregation:
+    def for_disagreement(self, quantiles: StdScale | None, novelty: NoveltyScale | None) -> Aggregation:
         """Bind `stdp` to the model's reference median of the head std (and reward_std, from the novelty
         statistic when it has one: UNIT_REWARD_STD otherwise)."""
         if self.kind != "stdp":
