@@ -146,7 +146,7 @@ def demo(
 
     settings = _settings(model=model, store_root=store)
     engine = build_engine(settings)
-    agg = settings.resolved_aggregation(engine.manifest)
+    agg = settings.resolved_aggregation(engine)
     items = [
         Item(prompt="What is the capital of France?", response="The capital of France is Paris."),
         Item(prompt="What is the capital of France?", response="I don't know, maybe bananas."),
@@ -195,7 +195,7 @@ def score(
         # CLI options override HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA, as `serve` honours them too.
         settings = _settings(model=model, store_root=store, aggregation=aggregation, uwo_lambda=uwo_lambda)
         engine = build_engine(settings)
-        agg = settings.resolved_aggregation(engine.manifest)
+        agg = settings.resolved_aggregation(engine)
         job = ScoreJob(engine, input, output, errors, aggregation=agg, chunk_size=chunk_size)
         result = job.run(restart=restart, progress_bar=progress)
     except (JobError, ModelStoreError, ValueError) as e:

@@ -215,7 +215,7 @@ class RayScoreJob:
             job_kwargs["chunk_size"] = auto_chunk_size(lines, actors)
         engine = build_engine(settings)
         # Resolved once here (settings over the manifest, as `score` does) and shipped to every actor.
-        job_kwargs.setdefault("aggregation", settings.resolved_aggregation(engine.manifest))
+        job_kwargs.setdefault("aggregation", settings.resolved_aggregation(engine))
         self.job = ScoreJob(engine, input_path, output_path, errors_path, **job_kwargs)
         self.errors = self.job.errors
         job_args = {

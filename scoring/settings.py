@@ -294,14 +294,18 @@ class Settings(BaseSettings):
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return getattr(torch, self.dtype)
 
-    def resolved_aggregation(self, manifest):  # noqa: ANN001, ANN201 - RewardManifest -> Aggregation
+    def resolved_aggregation(self, engine):  # noqa: ANN001, ANN201 - scoring.interface.Engine -> Aggregation
         """HYDRA_RM_AGGREGATION / HYDRA_RM_UWO_LAMBDA (or the CLI options that override them) over the
-        manifest's defaults: `serve`, `score` and `demo` all resolve here."""
+        manifest's defaults, for what `engine` computes: `serve`, `score` and `demo` all resolve here."""
         from model_store.manifest import resolve_aggregation
+        from scoring.interface import require_served
 
         try:
-            return resolve_aggregation(
-                manifest, self.aggregation, self.uwo_lambda, self.lcb_beta, self.stdp_beta
+            return require_served(
+                resolve_aggregation(
+                    engine.manifest, self.aggregation, self.uwo_lambda, self.lcb_beta, self.stdp_beta
+                ),
+                engine,
             )
         except ValueError as e:
             raise ValueError(f"aggregation setting: {e}") from e

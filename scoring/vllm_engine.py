@@ -262,6 +262,13 @@ class VllmEngine(PlannedEngine):
     concurrent_forwards = 2
     # vLLM runs each sequence unpadded: /metrics counts a batch's real tokens, not a padded rectangle.
     pads_batches = False
+    # u needs the pooled hidden state, which vLLM's classifier does not return (its embed runner refuses
+    # a checkpoint with a score layer: bench/vllm_engine_choice.py). The service says so (scoring/interface.py).
+    novelty = None
+    novelty_unavailable = (
+        "the vLLM engine returns vLLM's K logits, not the pooled hidden state u is computed on: "
+        "serve with HYDRA_RM_ENGINE=torch for `novelty`"
+    )
 
     def __init__(
         self,

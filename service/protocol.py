@@ -145,7 +145,7 @@ class GetRewardResponse(BaseModel):
 
 
 class ModelCard(_OmitWhenNone):
-    _omit_when_none = ("novelty", "branch_layers")
+    _omit_when_none = ("novelty", "novelty_unavailable", "branch_layers")
 
     id: str
     object: Literal["model"] = "model"
@@ -174,6 +174,11 @@ class ModelCard(_OmitWhenNone):
         default=None,
         description="The novelty statistic: lambda, rank, reference quantiles of u and the reward scale "
         "`lcb` uses. Absent for models without.",
+    )
+    novelty_unavailable: str | None = Field(
+        default=None,
+        description="Why this model's novelty statistic is not served by this engine (the vLLM engine "
+        "gets no pooled hidden state): responses carry no `novelty` and `lcb` is refused. Absent otherwise.",
     )
     branch_layers: int | None = Field(
         default=None,

@@ -19,7 +19,7 @@ from starlette.types import Receive
 from model_store.aggregation import Aggregation
 from model_store.tokenization import EncodedItem, Item, ItemError
 from model_store.uncertainty import DisagreementQuantiles, NoveltyInfo, std_percentile
-from scoring.interface import Engine
+from scoring.interface import Engine, novelty_unavailable, require_served, served_novelty
 from scoring.results import ItemScore
 from scoring.settings import Settings
 from service.batcher import Batcher
@@ -58,14 +58,21 @@ class ScoringService:
         self.engine = engine
         self.metrics = metrics
         self.arrivals = arrivals or Arrivals()
-        self.aggregation = settings.resolved_aggregation(engine.manifest)
+        self.aggregation = settings.resolved_aggregation(engine)
         self.head_names = engine.head_names
         # The reference-split std quantiles stored at training time (None: percentiles are null).
         self.quantiles: DisagreementQuantiles | None = engine.manifest.disagreement
         # The novelty statistic's description (reference quantiles of u); None: no novelty anywhere.
-        self.novelty: NoveltyInfo | None = (
-            engine.manifest.novelty if getattr(engine, "novelty", None) is not None else None
-        )  # an engine that does not compute u (scoring/interface.py) serves none
+        # None also where the model has one but this engine does not compute u (scoring/interface.py).
+        self.novelty: NoveltyInfo | None = served_novelty(engine)
+        self.novelty_unavailable = novelty_unavailable(engine)
+        if self.novelty_unavailable is not None:
+            log.warning(
+                "%s has a novelty statistic that this engine does not serve (%s): responses carry no "
+                "`novelty`, and `lcb` is refused",
+                engine.name,
+                self.novelty_unavailable,
+            )
         overlap = getattr(engine, "concurrent_forwards", 1)
         if overlap > 1:  # its forward waits on another process (vLLM): the queued-ahead batch runs beside
             if torch_thread is not None:
@@ -180,7 +187,9 @@ class ScoringService:
             return replace(self.aggregation, uwo_lambda=lam, lcb_beta=beta, stdp_beta=sbeta)
         try:
             agg = Aggregation.parse(requested, self.engine.num_heads, lam, beta, sbeta)
-            return agg.bind(self.novelty, self.quantiles)
+            # The manifest's statistic sets `stdp`'s scale whether or not u is computed (same rewards on
+            # both engines); `lcb` needs u itself.
+            return require_served(agg.bind(self.engine.manifest.novelty, self.quantiles), self.engine)
         except ValueError as e:
             raise InvalidInput(f"aggregation: {e}", field="aggregation") from e
 
@@ -267,6 +276,7 @@ class ScoringService:
             "default_aggregation": self.aggregation.name,
             "uwo_lambda": self.aggregation.uwo_lambda,
             "novelty": self.novelty,
+            **({"novelty_unavailable": self.novelty_unavailable} if self.novelty_unavailable else {}),
             "token_budget": self.engine.policy.token_budget,
             "max_batch_size": self.engine.policy.max_batch_size,
             # The request limits, stated where clients read them (client/_core.py sizes requests by them).

@@ -44,5 +44,6 @@ def _card(service: ScoringService) -> ModelCard:
         max_body_bytes=info["max_body_bytes"],
         disagreement=info.get("disagreement"),
         novelty=info.get("novelty"),
+        novelty_unavailable=info.get("novelty_unavailable"),
         branch_layers=info.get("branch_layers"),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import os
 import signal
 import threading
@@ -354,3 +355,37 @@ def test_the_launcher_takes_the_server_down_when_hydra_rm_is_killed(tmp_path: Pa
     parent.wait()
     _, alive = psutil.wait_procs(group, timeout=30)
     assert not alive, f"left running after hydra-rm was killed: {[p.pid for p in alive]}"
+
+
+@needs_vllm
+def test_a_model_with_novelty_is_served_without_u_and_says_why(
+    vllm_engine: Any, model_dir: Path, tmp_path: Path
+) -> None:
+    """vLLM returns logits, not the pooled state u is computed on: the loss is stated, never silent."""
+    from model_store import ModelStore
+    from model_store.loader import load_reward_model
+    from scoring.engine import ScoringEngine
+    from training.calibrate import calibrate
+
+    store = ModelStore(tmp_path / "store")
+    data = tmp_path / "texts.jsonl"
+    texts = [f"{PROMPT}\n{r} {i}" for i in range(12) for r in RESPONSES]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ref, _ = calibrate(str(model_dir), data, store, name="qwen2-nov", lam=0.5)
+    torch_nov = ScoringEngine(load_reward_model(f"qwen2-nov:{ref.version}", store))
+    assert torch_nov.novelty is not None
+    twin = copy.copy(vllm_engine)  # the same weights, now with the calibrated manifest
+    twin.manifest = torch_nov.manifest
+    items = [{"prompt": PROMPT, "response": r} for r in RESPONSES]
+    with live_server(Settings(), twin) as server, server.client() as c:
+        got = c.post("/v1/score", json={"items": items}).json()["results"]
+        bad = c.post("/v1/score", json={"items": items, "aggregation": "lcb"})
+        card = c.get("/v1/models").json()["data"][0]
+    want = torch_nov.score([Item(prompt=PROMPT, response=r) for r in RESPONSES])
+    assert [r["reward"] for r in got] == pytest.approx([s.min for s in want], abs=1e-4)
+    assert all(s.novelty is not None for s in want) and all("novelty" not in r for r in got)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "aggregation"
+    assert "HYDRA_RM_ENGINE=torch" in bad.json()["error"]["message"]
+    assert "HYDRA_RM_ENGINE=torch" in card["novelty_unavailable"]
+    with pytest.raises(ValueError, match="`lcb` needs the model's novelty statistic, which is not served"):
+        Settings(aggregation="lcb").resolved_aggregation(twin)

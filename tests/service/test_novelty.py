@@ -156,3 +156,39 @@ def test_job_rows(calibrated: dict, tmp_path: Path) -> None:
     assert all(0 <= r["novelty_percentile"] <= 100 for r in rows)
     ScoreJob(calibrated["bert"]["plain"], src, tmp_path / "plain.jsonl").run(progress_bar=False)
     assert all("novelty" not in r and "novelty_percentile" not in r for r in _rows(tmp_path / "plain.jsonl"))
+
+
+class _NoU(ScoringEngine):
+    """A torch engine that does not compute u, standing in for one that cannot (the vLLM engine)."""
+
+    novelty_unavailable = "this engine pools no hidden state"
+
+    def _novelty_tensors(self) -> None:
+        return None
+
+
+def test_an_engine_that_cannot_compute_u_says_so_and_refuses_lcb(calibrated: dict) -> None:
+    from scoring.interface import novelty_unavailable, served_novelty
+
+    nov = calibrated["llama"]["nov"]
+    blind = _NoU(nov.rm, policy=POLICY)
+    assert blind.manifest.novelty is not None and served_novelty(blind) is None
+    assert novelty_unavailable(blind) == _NoU.novelty_unavailable and novelty_unavailable(nov) is None
+    items = [{"text": t} for t in PROBES]
+    with live_server(engine=blind) as live, live.client() as c:
+        res = c.post("/v1/score", json={"items": items}).json()
+        assert all("novelty" not in r for r in res["results"])
+        # the rewards are the torch engine's with the statistic, field for field
+        want = [s.summary() for s in nov.score([Item(text=t) for t in PROBES])]
+        for r, w in zip(res["results"], want, strict=True):
+            assert r["reward"] == pytest.approx(w["min"]) and r["std"] == pytest.approx(w["std"])
+        bad = c.post("/v1/score", json={"items": items, "aggregation": "lcb"})
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "aggregation"
+        assert "not served: this engine pools no hidden state" in bad.json()["error"]["message"]
+        card = c.get("/v1/models").json()["data"][0]
+        assert "novelty" not in card and card["novelty_unavailable"] == _NoU.novelty_unavailable
+        assert "hydra_rm_novelty" not in httpx.get(f"{live.url}/metrics").text
+    # as the default aggregation it is refused at start-up, not on every item
+    with pytest.raises(ValueError, match="aggregation setting: `lcb` needs the model's novelty statistic"):
+        Settings(aggregation="lcb").resolved_aggregation(blind)
+    assert Settings(aggregation="lcb").resolved_aggregation(nov).kind == "lcb"
