@@ -90,6 +90,12 @@ def child_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {**CPU_ENV_DEFAULTS, **environ, "HF_HUB_OFFLINE": "1"}
 
 
+def api_key() -> str:
+    """The child's random API key. Hex, never urlsafe base64: a key starting with `-` (1 start in 64)
+    was read by vLLM's argument parser as an option, and the child failed to start (seen in the tests)."""
+    return secrets.token_hex(24)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,7 +127,7 @@ class VllmChild:
         self.python = find_vllm_python(options.python)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = secrets.token_urlsafe(24)  # other local users cannot score through our child
+        self.api_key = api_key()  # other local users cannot score through our child
         args = [
             "--model", str(model_dir), "--served-model-name", SERVED_NAME,
             "--host", "127.0.0.1", "--port", str(self.port), "--api-key", self.api_key,

@@ -389,3 +389,12 @@ def test_a_model_with_novelty_is_served_without_u_and_says_why(
     assert "HYDRA_RM_ENGINE=torch" in card["novelty_unavailable"]
     with pytest.raises(ValueError, match="`lcb` needs the model's novelty statistic, which is not served"):
         Settings(aggregation="lcb").resolved_aggregation(twin)
+
+
+def test_the_childs_api_key_can_never_be_read_as_an_option() -> None:
+    import re
+
+    from scoring.vllm_engine import api_key
+
+    keys = {api_key() for _ in range(2000)}
+    assert len(keys) == 2000 and all(re.fullmatch(r"[0-9a-f]{48}", k) for k in keys)
