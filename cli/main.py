@@ -376,14 +376,17 @@ def serve_ray(
 def block_until_stopped(shutdown: Callable[[], None]) -> None:
     """Block until Ctrl-C, SIGTERM or SIGHUP, then run `shutdown` (for serve-ray: `serve.shutdown()`,
     which drains the replicas up to HYDRA_RM_DRAIN_TIMEOUT_S). Without the handlers SIGTERM ended the
-    process and left the Serve application running on the cluster, holding its CPUs."""
+    process and left the Serve application running on the cluster, holding its CPUs. SIGINT gets its
+    handler too, as uvicorn gives `serve` one: a process started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Ctrl-C / `kill -INT` then did nothing (hit by
+    the signal test in a clean-clone CI run launched with `nohup ... &`)."""
     import signal
     import time
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
             time.sleep(3600)

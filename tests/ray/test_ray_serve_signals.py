@@ -44,3 +44,22 @@ def test_a_stop_signal_runs_the_serve_shutdown(sig: int) -> None:
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, out
     assert "serve.shutdown ran" in out and "exited cleanly" in out and "Traceback" not in out
+
+
+def test_sigint_stops_it_even_when_inherited_ignored() -> None:
+    """A background job of a non-interactive shell starts with SIGINT ignored; it must still stop."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0 and "serve.shutdown ran" in out and "exited cleanly" in out, out
