@@ -265,6 +265,16 @@ async function score() {
     for (const r of response.results) {
       if (r.heads && !Array.isArray(r.heads)) r.heads = response.head_names.map((n) => r.heads[n]);
     }
+    // `stdp` needs the model's std reference; the server computes it (one definition of the formula),
+    // in a second request with the server's beta, only for models that have the reference.
+    const model = state.models && state.models[0];
+    if (model && model.disagreement) {
+      const stdp = await api("v1/score", { items: body.items, aggregation: "stdp" });
+      response.results.forEach((r, i) => {
+        r.stdp = stdp.results[i].reward;
+      });
+      response.stdp_beta = stdp.stdp_beta;
+    }
     state.last = { response, texts, ms: performance.now() - t0 };
     render();
     performance.mark("hydra-scored");
@@ -287,6 +297,9 @@ function columns(resp) {
     { key: "min", label: "min", get: (r) => r.min, num: true, agg: "min" },
     { key: "mean", label: "mean", get: (r) => r.mean, num: true, agg: "mean" },
     { key: "uwo", label: `UWO${lam}`, get: (r) => r.reward, num: true, agg: "uwo" },
+    ...(resp.results.some((r) => r.stdp !== undefined)
+      ? [{ key: "stdp", label: `stdp \u03b2=${resp.stdp_beta}`, get: (r) => r.stdp, num: true, agg: "stdp" }]
+      : []),
     { key: "heads", label: "heads", get: (r) => (r.heads ? r.heads[state.sortHead] : null) },
     { key: "std", label: "head std", get: (r) => r.std, num: true },
     { key: "std_percentile", label: "std pct", get: (r) => r.std_percentile, pct: true },
@@ -404,7 +417,11 @@ function renderTable() {
   }
   $("legend").textContent =
     `Bars, left to right: ${resp.head_names.join(", ")}; full height = \u00b1${fmt(scale)}. ` +
-    "UWO = mean \u2212 \u03bb\u00b7std\u00b2 across heads. std pct: percentile of the head std among the " +
+    "UWO = mean \u2212 \u03bb\u00b7std\u00b2 across heads. " +
+    (resp.stdp_beta !== undefined
+      ? "stdp = mean \u2212 \u03b2\u00b7reward_std\u00b7std / (median std of the reference split). "
+      : "") +
+    "std pct: percentile of the head std among the " +
     "model's reference split (above 95: more disagreement than 95% of what it was fitted on).";
 }
 
@@ -444,6 +461,7 @@ function renderCompare() {
   const lines = [];
   if (A.heads && B.heads) resp.head_names.forEach((n, k) => lines.push([n, A.heads[k], B.heads[k], `head:${k}`]));
   lines.push(["min", A.min, B.min, "min"], ["mean", A.mean, B.mean, "mean"], ["UWO", A.reward, B.reward, "uwo"]);
+  if (A.stdp !== undefined && B.stdp !== undefined) lines.push(["stdp", A.stdp, B.stdp, "stdp"]);
   lines.push(["head std", A.std, B.std, "std"]);
   const scale = Math.max(0, ...lines.map(([, x, y]) => Math.abs(y - x)));
   const body = $("cmp-body");

@@ -147,7 +147,7 @@ def read_table(session: Session) -> list[dict[str, Any]]:
 
 
 def read_compare(session: Session) -> dict[str, dict[str, Any]]:
-    """The compare-two table: row key (`head:<k>`, `min`, `mean`, `uwo`, `std`) -> A, B, diff."""
+    """The compare-two table: row key (`head:<k>`, `min`, `mean`, `uwo`, `stdp` where shown, `std`) -> A, B, diff."""
     return session.page.evaluate(
         """() => Object.fromEntries([...document.querySelectorAll('#cmp-body tr')].map(tr => {
             const td = tr.querySelectorAll('td');

@@ -370,3 +370,32 @@ def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(
         _check_rows(drv.read_table(s), answer)
         s.errors.clear()  # the two 401s are logged by the browser
         assert not s.foreign_requests()
+
+
+def test_a_stdp_column_shows_the_servers_stdp_for_a_model_with_a_std_reference(
+    session: drv.Session, default_live: Live
+) -> None:
+    """The embedded default has the head-std reference `stdp` reads: the page shows the server's own
+    `stdp` reward per candidate (a second request, the server's beta), in the column's label too."""
+    with default_live.client() as c:
+        card = c.get("/v1/models").json()["data"][0]
+    assert card["disagreement"] is not None
+    drv.fill(session, PROMPT, CANDIDATES)
+    drv.click_score(session)
+    with default_live.client() as c:
+        want = c.post(
+            "/v1/score",
+            json={"items": [{"prompt": PROMPT, "response": t} for t in CANDIDATES], "aggregation": "stdp"},
+        ).json()
+    rows = drv.read_table(session)
+    assert len(rows) == len(CANDIDATES)
+    for row in rows:
+        got = _value(row["cells"]["stdp"])
+        assert math.isclose(got, want["results"][row["index"]]["reward"], abs_tol=1e-5)
+    labels = session.page.locator("#thead th").all_inner_texts()
+    assert any(t.startswith(f"stdp \u03b2={want['stdp_beta']:g}") for t in labels), labels
+    session.page.select_option("#cmp-b", "2")  # compare A with C: the stdp row is their difference
+    row = drv.read_compare(session)["stdp"]
+    a, c = (want["results"][i]["reward"] for i in (0, 2))
+    assert math.isclose(float(row["a"]), a, abs_tol=1e-5) and math.isclose(float(row["b"]), c, abs_tol=1e-5)
+    assert math.isclose(float(row["diff"]), c - a, abs_tol=1e-5)
